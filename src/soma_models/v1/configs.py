@@ -1,0 +1,126 @@
+"""V1 constants and the two small configuration dataclasses.
+
+Every number here is part of the on-chain contract (SPEC §1); `ModelConfig()` and
+`SIGRegConfig()` with no arguments are exactly what the runtime evaluates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+V1_EMBEDDING_DIM = 2048
+V1_NUM_HEADS = 8
+V1_NUM_LAYERS = 32
+V1_MAX_SEQ_LEN = 8192
+V1_PWFF_HIDDEN_DIM = 8192
+V1_VOCAB_SIZE = 264
+V1_MAX_WAVELENGTH = 10_000.0
+V1_SCALE_FACTOR = 1.0
+V1_BATCH_SIZE = 32
+V1_PAD_TOKEN_ID = 256
+V1_EOS_TOKEN_ID = 257
+V1_SIG_REG_T_MAX = 3.0
+V1_SIG_REG_SLICES = 1024
+V1_SIG_REG_POINTS = 17
+V1_SIG_REG_COEFFICIENT = 0.02
+V1_LAYER_NORM_EPS = 1e-5
+# The runtime *replaces* future attention scores by this value (SPEC §3.4).
+V1_MASK_FILL_VALUE = -1.0e4
+# Smallest vocabulary that can hold the PAD and EOS ids the data contract emits.
+MIN_VOCAB_FOR_CONTRACT = V1_EOS_TOKEN_ID + 1
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a V1-architecture model (defaults: the on-chain V1)."""
+
+    dropout_rate: float = 0.0
+    embedding_dim: int = V1_EMBEDDING_DIM
+    pwff_hidden_dim: int = V1_PWFF_HIDDEN_DIM
+    num_layers: int = V1_NUM_LAYERS
+    num_heads: int = V1_NUM_HEADS
+    vocab_size: int = V1_VOCAB_SIZE
+    max_wavelength: float = V1_MAX_WAVELENGTH
+    scale_factor: float = V1_SCALE_FACTOR
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "pwff_hidden_dim", "num_layers", "num_heads", "vocab_size"):
+            _require_positive(name, getattr(self, name))
+        if not 0.0 <= float(self.dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide embedding_dim ({self.embedding_dim})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = embedding_dim / num_heads must be even for RoPE, got {self.head_dim} "
+                f"(embedding_dim {self.embedding_dim}, num_heads {self.num_heads})"
+            )
+        if not float(self.max_wavelength) > 0.0:
+            raise ValueError(f"max_wavelength must be > 0, got {self.max_wavelength!r}")
+        if not float(self.scale_factor) >= 1.0:
+            raise ValueError(f"scale_factor must be >= 1.0, got {self.scale_factor!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def require_contract_vocab(self) -> None:
+        """Refuse vocabularies that cannot hold the PAD/EOS ids of the data contract."""
+        if self.vocab_size < MIN_VOCAB_FOR_CONTRACT:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is too small for the data contract: PAD "
+                f"({V1_PAD_TOKEN_ID}) and EOS ({V1_EOS_TOKEN_ID}) need vocab_size >= "
+                f"{MIN_VOCAB_FOR_CONTRACT}"
+            )
+
+
+@dataclass(frozen=True)
+class SIGRegConfig:
+    """SIGReg regulariser settings (defaults: the on-chain V1)."""
+
+    t_max: float = V1_SIG_REG_T_MAX
+    points: int = V1_SIG_REG_POINTS
+    slices: int = V1_SIG_REG_SLICES
+    coefficient: float = V1_SIG_REG_COEFFICIENT
+
+    def __post_init__(self) -> None:
+        _require_positive("slices", self.slices)
+        _require_positive("points", self.points)
+        if self.points < 2:
+            raise ValueError(f"points must be >= 2, got {self.points}")
+        if not float(self.t_max) > 0.0:
+            raise ValueError(f"t_max must be > 0, got {self.t_max!r}")
+        if not float(self.coefficient) >= 0.0:
+            raise ValueError(f"coefficient must be >= 0, got {self.coefficient!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Named presets for `init`, the trainer and tests. "v1" is the on-chain architecture.
+PRESETS: dict[str, ModelConfig] = {
+    "v1": ModelConfig(),
+    "medium": ModelConfig(embedding_dim=512, pwff_hidden_dim=2048, num_layers=8, num_heads=8),
+    "small": ModelConfig(embedding_dim=256, pwff_hidden_dim=1024, num_layers=4, num_heads=4),
+    "tiny": ModelConfig(embedding_dim=64, pwff_hidden_dim=256, num_layers=2, num_heads=4),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown config preset {name!r}; choose one of {', '.join(sorted(PRESETS))}"
+        ) from None

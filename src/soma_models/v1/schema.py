@@ -1,0 +1,156 @@
+"""The canonical V1 weight layout (SPEC §4), framework-free.
+
+One list of `ParamSpec`s says, for a given `ModelConfig`, which keys a weights file must
+hold, their shapes, and what kind of parameter each is; the torch and Flax serde layers,
+`validate` and `score` all read it from here. Everything is float32; linear weights are
+`[in, out]` (y = x @ W + b).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from soma_models.errors import WeightsError
+from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
+
+ARCHITECTURE_VERSION = 1
+METADATA_VERSION_KEY = "soma_models.architecture_version"
+CANONICAL_DTYPE = "F32"
+
+Kind = Literal["embedding", "linear_weight", "linear_bias", "norm_gamma", "norm_beta"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    key: str
+    shape: tuple[int, ...]
+    kind: Kind
+
+
+ATTENTION_PROJECTIONS = ("query", "key", "value", "output")
+
+
+def _linear(prefix: str, fan_in: int, fan_out: int) -> list[ParamSpec]:
+    return [ParamSpec(f"{prefix}.weight", (fan_in, fan_out), "linear_weight"),
+            ParamSpec(f"{prefix}.bias", (fan_out,), "linear_bias")]
+
+
+def _norm(prefix: str, dim: int) -> list[ParamSpec]:
+    return [ParamSpec(f"{prefix}.gamma", (dim,), "norm_gamma"),
+            ParamSpec(f"{prefix}.beta", (dim,), "norm_beta")]
+
+
+def param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every canonical parameter of `config`, in model order."""
+    d, h, v = config.embedding_dim, config.pwff_hidden_dim, config.vocab_size
+    specs = [ParamSpec("embedding.weight", (v, d), "embedding")]
+    for layer in range(config.num_layers):
+        p = f"encoder.layers.{layer}"
+        specs += _norm(f"{p}.norm_1", d)
+        for proj in ATTENTION_PROJECTIONS:
+            specs += _linear(f"{p}.attention.{proj}", d, d)
+        specs += _norm(f"{p}.norm_2", d)
+        specs += _linear(f"{p}.pwff.linear_inner", d, h)
+        specs += _linear(f"{p}.pwff.linear_outer", h, d)
+    specs += _norm("final_norm", d)
+    specs += _linear("predictor", d, v)
+    return specs
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {s.key: s.shape for s in param_specs(config)}
+
+
+def parameter_count(config: ModelConfig) -> int:
+    total = 0
+    for spec in param_specs(config):
+        n = 1
+        for d in spec.shape:
+            n *= d
+        total += n
+    return total
+
+
+@dataclass
+class SchemaCheck:
+    """Result of comparing found tensors with the schema."""
+
+    errors: list[str]
+    warnings: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_tensors(
+    found: Mapping[str, tuple[str, tuple[int, ...]]], config: ModelConfig
+) -> SchemaCheck:
+    """Compare `{key: (dtype, shape)}` with the schema; report every difference.
+
+    Missing keys and shape mismatches make the runtime reject the file; a non-float32
+    dtype is refused too. Extra keys are only warnings: the runtime ignores them.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        errors.append(f"{len(missing)} missing key(s): {shown}")
+    for key, shape in expected.items():
+        if key not in found:
+            continue
+        dtype, got = found[key]
+        if tuple(got) != shape:
+            errors.append(f"{key}: shape mismatch, expected {list(shape)}, found {list(got)}")
+        if dtype != CANONICAL_DTYPE:
+            errors.append(f"{key}: dtype {dtype}, expected {CANONICAL_DTYPE} (float32)")
+    extra = sorted(k for k in found if k not in expected)
+    if extra:
+        shown = ", ".join(extra[:8]) + (f", ... ({len(extra) - 8} more)" if len(extra) > 8 else "")
+        warnings.append(f"{len(extra)} unused key(s), ignored by the runtime: {shown}")
+    return SchemaCheck(errors, warnings)
+
+
+_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    num_heads: int = V1_NUM_HEADS,
+    source: str = "<weights>",
+    **overrides: object,
+) -> ModelConfig:
+    """Infer width, depth, hidden size and vocabulary from tensor shapes.
+
+    The number of heads cannot be read off the shapes; it defaults to V1's.
+    Raises `WeightsError` naming `source` when the shapes do not describe a V1 model.
+    """
+    try:
+        vocab, dim = shapes["embedding.weight"]
+    except (KeyError, ValueError):
+        got = shapes.get("embedding.weight")
+        raise WeightsError(source, [
+            "cannot infer the model config: 'embedding.weight' "
+            + ("is missing" if got is None else f"has shape {list(got)}, expected [vocab, dim]")
+        ]) from None
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k))}
+    num_layers = max(layers) + 1 if layers else 0
+    inner = shapes.get("encoder.layers.0.pwff.linear_inner.weight")
+    if num_layers == 0 or inner is None or len(inner) != 2:
+        raise WeightsError(source, [
+            "cannot infer the model config: no encoder layers "
+            "('encoder.layers.0.pwff.linear_inner.weight' missing or malformed)"
+        ])
+    try:
+        return ModelConfig(embedding_dim=int(dim), vocab_size=int(vocab),
+                           pwff_hidden_dim=int(inner[1]), num_layers=num_layers,
+                           num_heads=num_heads, **overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise WeightsError(source, [f"cannot infer a valid model config: {exc}; "
+                                    "pass model_config explicitly"]) from None

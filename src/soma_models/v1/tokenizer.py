@@ -1,0 +1,143 @@
+"""The V1 data contract (SPEC §2): raw bytes -> token_ids, targets, pos_ids.
+
+Bytes are their own token ids. The data is cut into `max_seq_len` chunks; only the final
+chunk, and only when it is shorter than `max_seq_len`, gets one EOS right after its last
+byte, then PAD up to `max_seq_len`. Positions are global byte offsets; every EOS/PAD
+position repeats the offset just past the data (it does not keep counting). Targets are
+each row's token_ids shifted left by one with PAD as the last target. Consecutive chunks
+are grouped into batches of `batch_size`; the last batch may be smaller.
+
+Two forms:
+
+* `tokenize(data)` -> list of `Batch` with nested Python lists (the product page's API);
+* `iter_batches(data)` -> lazy iterator of `ArrayBatch` with NumPy arrays, which never
+  builds Python lists and holds one batch at a time (use it for large data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from soma_models.v1.configs import (
+    V1_BATCH_SIZE,
+    V1_EOS_TOKEN_ID,
+    V1_MAX_SEQ_LEN,
+    V1_PAD_TOKEN_ID,
+)
+
+BytesLike = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as nested lists, each `[batch, seq_len]`."""
+
+    token_ids: list[list[int]]
+    targets: list[list[int]]
+    pos_ids: list[list[int]]
+
+
+@dataclass(frozen=True)
+class ArrayBatch:
+    """One batch as NumPy arrays, each `[batch, seq_len]`.
+
+    `token_ids` and `targets` are int32 (ids < 264), `pos_ids` int64 (global offsets can
+    exceed 2**31 for large data). `start_chunk` is the index of the batch's first chunk.
+    """
+
+    token_ids: np.ndarray
+    targets: np.ndarray
+    pos_ids: np.ndarray
+    start_chunk: int
+
+    def to_batch(self) -> Batch:
+        return Batch(self.token_ids.tolist(), self.targets.tolist(), self.pos_ids.tolist())
+
+    @property
+    def num_data_tokens(self) -> int:
+        """Positions whose target is not PAD (what the cross-entropy sums over)."""
+        return int(np.count_nonzero(self.targets != V1_PAD_TOKEN_ID))
+
+
+def _as_byte_view(data: object) -> memoryview:
+    if isinstance(data, str):
+        raise TypeError("data must be bytes-like, got str; encode it first (e.g. text.encode())")
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"data as a NumPy array must have dtype uint8, got {data.dtype}")
+        return memoryview(np.ascontiguousarray(data).reshape(-1))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, bytearray or memoryview, got {type(data).__name__}")
+    view = memoryview(data)
+    if view.itemsize != 1 or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _check_sizes(max_seq_len: object, batch_size: object) -> None:
+    for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def num_chunks(num_bytes: int, max_seq_len: int = V1_MAX_SEQ_LEN) -> int:
+    return -(-num_bytes // max_seq_len)
+
+
+def num_batches(num_bytes: int, max_seq_len: int = V1_MAX_SEQ_LEN,
+                batch_size: int = V1_BATCH_SIZE) -> int:
+    return -(-num_chunks(num_bytes, max_seq_len) // batch_size)
+
+
+def iter_batches(
+    data: BytesLike,
+    max_seq_len: int = V1_MAX_SEQ_LEN,
+    batch_size: int = V1_BATCH_SIZE,
+    *,
+    pos_offset: int = 0,
+) -> Iterator[ArrayBatch]:
+    """Lazily yield the contract's batches as NumPy arrays.
+
+    `pos_offset` shifts every position (training on a slice of a larger stream that
+    should see the stream's global offsets); scoring uses 0.
+    Raises ValueError on empty data, as the runtime does.
+    """
+    view = _as_byte_view(data)
+    _check_sizes(max_seq_len, batch_size)
+    n = len(view)
+    if n == 0:
+        raise ValueError("data is empty: the runtime refuses it ('data loader produced no batches')")
+    flat = np.frombuffer(view, dtype=np.uint8)
+    total_chunks = num_chunks(n, max_seq_len)
+    columns = np.arange(max_seq_len, dtype=np.int64)
+    for first in range(0, total_chunks, batch_size):
+        rows = min(batch_size, total_chunks - first)
+        start = first * max_seq_len
+        stop = min(n, start + rows * max_seq_len)
+        tokens = np.full((rows, max_seq_len), V1_PAD_TOKEN_ID, dtype=np.int32)
+        tokens.reshape(-1)[: stop - start] = flat[start:stop]
+        # Global offsets; EOS/PAD positions are clamped to the offset just past the data.
+        pos = (pos_offset + start) + (np.arange(rows, dtype=np.int64)[:, None] * max_seq_len
+                                      + columns[None, :])
+        tail = stop - (first + rows - 1) * max_seq_len  # bytes in this batch's last row
+        if tail < max_seq_len:
+            tokens[-1, tail] = V1_EOS_TOKEN_ID
+            pos[-1, tail:] = pos_offset + stop
+        targets = np.empty_like(tokens)
+        targets[:, :-1] = tokens[:, 1:]
+        targets[:, -1] = V1_PAD_TOKEN_ID
+        yield ArrayBatch(tokens, targets, pos, first)
+
+
+def tokenize(
+    data: BytesLike,
+    max_seq_len: int = V1_MAX_SEQ_LEN,
+    batch_size: int = V1_BATCH_SIZE,
+) -> list[Batch]:
+    """Apply the data contract and return every batch as nested lists."""
+    return [b.to_batch() for b in iter_batches(data, max_seq_len, batch_size)]
