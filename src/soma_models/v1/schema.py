@@ -18,6 +18,8 @@ from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
 
 ARCHITECTURE_VERSION = 1
 METADATA_VERSION_KEY = "soma_models.architecture_version"
+# Heads cannot be read off the shapes; we record them (the runtime ignores metadata).
+METADATA_HEADS_KEY = "soma_models.num_heads"
 CANONICAL_DTYPE = "F32"
 
 Kind = Literal["embedding", "linear_weight", "linear_bias", "norm_gamma", "norm_beta"]
@@ -84,6 +86,18 @@ class SchemaCheck:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def file_metadata(config: ModelConfig) -> dict[str, str]:
+    """Header metadata written with every weights file."""
+    return {METADATA_VERSION_KEY: str(ARCHITECTURE_VERSION), METADATA_HEADS_KEY: str(config.num_heads)}
+
+
+def heads_from_metadata(metadata: Mapping[str, str]) -> int:
+    try:
+        return int(metadata.get(METADATA_HEADS_KEY, V1_NUM_HEADS))
+    except ValueError:
+        return V1_NUM_HEADS
 
 
 def check_tensors(

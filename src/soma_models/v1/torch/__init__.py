@@ -1,0 +1,1 @@
+"""PyTorch implementation of V1."""

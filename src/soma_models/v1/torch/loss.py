@@ -1,0 +1,59 @@
+"""The on-chain loss for one batch: cross-entropy + 0.02 * SIGReg (SPEC §6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from soma_models.v1.configs import V1_PAD_TOKEN_ID
+from soma_models.v1.torch.modules.model import Model
+from soma_models.v1.torch.modules.sig_reg import SIGReg
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ over non-PAD targets of -log_softmax(logits)[target]. logits `[..., V]`."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=V1_PAD_TOKEN_ID, reduction="sum")
+
+
+def _as_tensor(x: object, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return torch.as_tensor(np.asarray(x), device=device)
+
+
+def compute_loss(
+    model: Model,
+    sig_reg: SIGReg,
+    token_ids: torch.Tensor,
+    targets: torch.Tensor,
+    pos_ids: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable on-chain loss of one batch, and its embedding.
+
+    token_ids, targets, pos_ids: `[B, S]`; `pos_ids=None` means `0..S-1` on every row.
+    noise: `[D, slices]` (None draws it from torch's RNG).
+    Returns `(loss, embedding)`: a scalar, and `[D]` = mean over sequence, then batch,
+    of the representations (PAD/EOS positions included, as on chain).
+
+    The cross-entropy is divided by *every* position of the batch, PAD targets
+    included: PAD targets add nothing to the sum but count in the mean, as on chain.
+    """
+    model.config.require_contract_vocab()
+    device = model.embedding.weight.device
+    token_ids, targets = _as_tensor(token_ids, device), _as_tensor(targets, device)
+    if token_ids.shape != targets.shape or token_ids.ndim != 2:
+        raise ValueError(f"token_ids and targets must both be [batch, seq_len], got "
+                         f"{list(token_ids.shape)} and {list(targets.shape)}")
+    if pos_ids is not None:
+        pos_ids = _as_tensor(pos_ids, device)
+    if noise is not None:
+        noise = _as_tensor(noise, device)
+    representations = model.encode(token_ids, pos_ids)
+    logits = model.predict(representations)
+    cross_entropy = cross_entropy_sum(logits, targets) / targets.numel()
+    loss = cross_entropy + sig_reg(representations, noise=noise)
+    embedding = representations.mean(dim=1).mean(dim=0)
+    return loss, embedding

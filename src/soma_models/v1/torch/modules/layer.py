@@ -1,0 +1,26 @@
+"""One pre-norm transformer block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig
+from soma_models.v1.torch.modules.attention import MultiHeadAttention
+from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
+
+
+class Layer(nn.Module):
+    """x + Attention(LN_1(x)), then x + PWFF(LN_2(x)); `[B, S, D]` -> `[B, S, D]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.embedding_dim, eps=V1_LAYER_NORM_EPS)
+        self.attention = MultiHeadAttention(config)
+        self.norm_2 = nn.LayerNorm(config.embedding_dim, eps=V1_LAYER_NORM_EPS)
+        self.pwff = PositionWiseFeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.norm_1(x), pos_ids))
+        return x + self.dropout(self.pwff(self.norm_2(x)))
