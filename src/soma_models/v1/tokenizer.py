@@ -114,19 +114,21 @@ def iter_batches(
         raise ValueError("data is empty: the runtime refuses it ('data loader produced no batches')")
     flat = np.frombuffer(view, dtype=np.uint8)
     total_chunks = num_chunks(n, max_seq_len)
-    columns = np.arange(max_seq_len, dtype=np.int64)
+    # Offsets of every position of a full batch, relative to the batch's first byte.
+    relative = np.arange(batch_size * max_seq_len, dtype=np.int64).reshape(batch_size, max_seq_len)
     for first in range(0, total_chunks, batch_size):
         rows = min(batch_size, total_chunks - first)
         start = first * max_seq_len
         stop = min(n, start + rows * max_seq_len)
-        tokens = np.full((rows, max_seq_len), V1_PAD_TOKEN_ID, dtype=np.int32)
-        tokens.reshape(-1)[: stop - start] = flat[start:stop]
-        # Global offsets; EOS/PAD positions are clamped to the offset just past the data.
-        pos = (pos_offset + start) + (np.arange(rows, dtype=np.int64)[:, None] * max_seq_len
-                                      + columns[None, :])
+        tokens = np.empty((rows, max_seq_len), dtype=np.int32)
+        pos = relative[:rows] + (pos_offset + start)
         tail = stop - (first + rows - 1) * max_seq_len  # bytes in this batch's last row
+        tokens.reshape(-1)[: stop - start] = flat[start:stop]
         if tail < max_seq_len:
+            # Final short chunk: EOS right after the data, PAD after that, and every
+            # EOS/PAD position clamped to the offset just past the data.
             tokens[-1, tail] = V1_EOS_TOKEN_ID
+            tokens[-1, tail + 1 :] = V1_PAD_TOKEN_ID
             pos[-1, tail:] = pos_offset + stop
         targets = np.empty_like(tokens)
         targets[:, :-1] = tokens[:, 1:]
