@@ -1,0 +1,428 @@
+"""Score weights exactly as the chain does (SPEC §6-§8), framework-free.
+
+The driver here walks the data contract's batches, draws each batch's SIGReg noise,
+asks a framework backend (`soma_models.v1.torch.evaluate`, `soma_models.v1.flax.evaluate`)
+for the batch's raw terms, and combines them the runtime's way:
+
+    ce_k   = sum over non-PAD targets of -log p(target) / (B_k * S)   # PAD targets count in S
+    loss_k = ce_k + coefficient * SIGReg(reps_k, noise(seed + k))
+    emb_k  = mean over rows of (mean over positions of reps_k)
+    m_k    = m_{k-1} + (x_k - m_{k-1}) / k                            # each batch weighs the same
+
+A backend only computes `PieceTerms` for some rows of a batch (`micro_batch_size` splits
+batches into pieces to bound memory; the terms are sums, so the pieces add up to the
+whole batch's). Everything else -- the contract, the noise, the running means, the
+batch-order range, competitions -- lives here once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from soma_models.v1.batch_order import (
+    BatchOrderRange,
+    extreme_sums,
+    feasible_slots,
+    order_count,
+)
+from soma_models.v1.configs import (
+    V1_BATCH_SIZE,
+    V1_MAX_SEQ_LEN,
+    ModelConfig,
+    SIGRegConfig,
+)
+from soma_models.v1.noise import check_seed, scoring_noise
+from soma_models.v1.tokenizer import ArrayBatch, iter_batches, num_batches
+from soma_models.v1.transit import (
+    commitment,
+    decrypt_file,
+    decrypt_weights,
+    encrypt_weights,
+)
+
+FRAMEWORKS = ("torch", "flax")
+# Batch-order ranges need a SIGReg term for every feasible (batch, slot) pair, about
+# 3n^2/4 of them; past this many batches we refuse rather than run for days.
+MAX_RANGE_BATCHES = 1024
+# Noise arrays kept for reuse (ranges and competitions revisit slots) up to this many bytes.
+NOISE_CACHE_BYTES = 1 << 30
+# "auto" micro-batches keep one piece's activations around this size.
+AUTO_PIECE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class PieceTerms:
+    """Raw sums a backend returns for some rows of one batch.
+
+    ce_sum: sum over non-PAD targets of -log_softmax(logits)[target].
+    sig_reg_sums: `[n_noises]` float64, per noise the sum over positions of the per-position
+        SIGReg value (no coefficient), so that the statistic is sum / positions.
+    embedding_sum: `[D]` float64, sum over rows of (mean over positions of reps).
+    """
+
+    ce_sum: float
+    sig_reg_sums: np.ndarray
+    embedding_sum: np.ndarray
+
+
+class ScoringBackend(Protocol):
+    """What a framework provides to the driver: a loaded model that computes `PieceTerms`."""
+
+    config: ModelConfig
+
+    def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                    noises: Sequence[np.ndarray]) -> PieceTerms:
+        """Terms for rows `[R, S]` (int32 ids/targets, int64 positions); noises `[D, slices]`."""
+        ...
+
+
+@dataclass(frozen=True)
+class Score:
+    """The chain's score of one weights file on one data set and seed.
+
+    loss: running mean of the per-batch losses (the sequential, reference order).
+    embedding: `[D]` float32 running mean of the per-batch embeddings.
+    batch_losses: `[n_batches]` float32 loss of each batch in the reference order.
+    range: lowest/highest loss over the loader's possible batch orders (None unless asked).
+    """
+
+    loss: float
+    embedding: np.ndarray
+    batch_losses: np.ndarray
+    range: BatchOrderRange | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss": self.loss, "embedding": self.embedding.tolist()}
+        if self.range is not None:
+            out["range"] = {"low": self.range.low, "high": self.range.high,
+                            "exact": self.range.exact, "orders": self.range.orders}
+        return out
+
+
+@dataclass(frozen=True)
+class Competition:
+    """Several weights scored on the same data and seed (SPEC §7).
+
+    winner: index of the lowest loss (first on ties; NaN losses never win unless all are NaN).
+    distance: cosine distance between the winner's embedding and the target (NaN when
+        either vector is zero; None when no target was given).
+    """
+
+    winner: int
+    loss: float
+    embedding: np.ndarray
+    distance: float | None
+    losses: list[float]
+    scores: list[Score] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"winner": self.winner, "loss": self.loss, "embedding": self.embedding.tolist(),
+                "distance": self.distance, "losses": self.losses}
+
+
+# --------------------------------------------------------------------------- noise
+
+class NoiseSource:
+    """`scoring_noise(seed, k, D, slices)` with a bounded cache: batch-order ranges revisit
+    slots, and every model of a competition needs the same noise."""
+
+    def __init__(self, seed: int, budget_bytes: int = NOISE_CACHE_BYTES):
+        self.seed = check_seed(seed)
+        self._budget = budget_bytes
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def get(self, k: int, embedding_dim: int, slices: int) -> np.ndarray:
+        cache_key = (k, embedding_dim, slices)
+        noise = self._cache.get(cache_key)
+        if noise is None:
+            noise = scoring_noise(self.seed, k, embedding_dim, slices)
+            if (len(self._cache) + 1) * noise.nbytes <= self._budget:
+                self._cache[cache_key] = noise
+        return noise
+
+
+# --------------------------------------------------------------------------- weights
+
+def _is_instance_of(obj: object, module: str, attr_path: str) -> bool:
+    """isinstance check against a class of an *already imported* framework."""
+    if module not in sys.modules:
+        return False
+    cls: Any = sys.modules[module]
+    for part in attr_path.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            return False
+    return isinstance(obj, cls)
+
+
+def model_framework(weights: object) -> str | None:
+    """'torch' or 'flax' when `weights` is a loaded model, else None."""
+    if _is_instance_of(weights, "torch", "nn.Module"):
+        return "torch"
+    if _is_instance_of(weights, "flax.nnx", "Module"):
+        return "flax"
+    return None
+
+
+def decrypted_source(weights: object, key: object | None) -> object:
+    """Apply a transit key to a path or bytes; other weights must come without a key."""
+    if key is None:
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
+        return decrypt_file(weights, key)
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        return decrypt_weights(weights, key)
+    raise TypeError("a decryption key applies to encrypted weights given as a path or bytes, "
+                    f"not to {type(weights).__name__}")
+
+
+def load_backend(weights: object, *, model_config: ModelConfig | None = None,
+                 sig_reg_config: SIGRegConfig | None = None, framework: str = "torch",
+                 device: object = None, key: object | None = None) -> ScoringBackend:
+    """Open `weights` (path, bytes, canonical arrays or a loaded model) for scoring."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    loaded = model_framework(weights)
+    if loaded is not None and key is not None:
+        raise TypeError("a decryption key applies to encrypted weights, not to a loaded model")
+    framework = loaded or framework
+    source = decrypted_source(weights, key)
+    sig_reg_config = sig_reg_config or SIGRegConfig()
+    try:
+        if framework == "torch":
+            from soma_models.v1.torch.evaluate import TorchBackend as backend_cls
+        else:
+            from soma_models.v1.flax.evaluate import FlaxBackend as backend_cls
+    except ImportError as exc:
+        raise ImportError(f"scoring with {framework} needs it installed "
+                          f"(pip install 'soma-models[{framework}]'): {exc}") from exc
+    try:
+        return backend_cls.open(source, model_config=model_config,
+                                sig_reg_config=sig_reg_config, device=device)
+    except ValueError as exc:
+        if key is not None and "not a safetensors file" in str(exc):
+            raise type(exc)(f"{exc} (wrong decryption key?)") from None
+        raise
+
+
+# --------------------------------------------------------------------------- driver
+
+def _data_length(data: object) -> int:
+    return memoryview(data).nbytes  # type: ignore[arg-type]
+
+
+def auto_micro_batch_size(config: ModelConfig, max_seq_len: int,
+                          budget_bytes: int = AUTO_PIECE_BYTES) -> int:
+    """Rows per piece so that one piece's float32 activations stay near `budget_bytes`.
+
+    Per row we count the feed-forward hidden layer, a handful of `[S, D]` tensors and the
+    logits: `S * 4 * (hidden + 6 D + vocab)` bytes.
+    """
+    per_row = max_seq_len * 4 * (config.pwff_hidden_dim + 6 * config.embedding_dim
+                                 + config.vocab_size)
+    return max(1, budget_bytes // per_row)
+
+
+def _batch_terms(backend: ScoringBackend, batch: ArrayBatch, noises: Sequence[np.ndarray],
+                 rows_per_piece: int) -> PieceTerms:
+    """The whole batch's terms, computed `rows_per_piece` rows at a time and added up."""
+    rows = batch.token_ids.shape[0]
+    ce_sum, sig_sums, emb_sum = 0.0, np.zeros(len(noises)), 0.0
+    for start in range(0, rows, rows_per_piece):
+        part = slice(start, start + rows_per_piece)
+        terms = backend.piece_terms(batch.token_ids[part], batch.targets[part],
+                                    batch.pos_ids[part], noises)
+        ce_sum += terms.ce_sum
+        sig_sums = sig_sums + terms.sig_reg_sums
+        emb_sum = emb_sum + terms.embedding_sum
+    return PieceTerms(ce_sum, np.asarray(sig_sums, dtype=np.float64),
+                      np.asarray(emb_sum, dtype=np.float64))
+
+
+def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="batch",
+                desc=desc, leave=False, dynamic_ncols=True)
+
+
+def score_backend(backend: ScoringBackend, data: object, seed: int, *,
+                  sig_reg_config: SIGRegConfig | None = None,
+                  max_seq_len: int = V1_MAX_SEQ_LEN, batch_size: int = V1_BATCH_SIZE,
+                  micro_batch_size: int | str | None = None, batch_order_range: bool = False,
+                  progress: bool = False, noise: NoiseSource | None = None,
+                  desc: str = "scoring") -> Score:
+    """Score an opened backend (see `score` for the arguments)."""
+    seed = check_seed(seed)
+    config = backend.config
+    config.require_contract_vocab()
+    sig_reg_config = sig_reg_config or SIGRegConfig()
+    batches: Iterator[ArrayBatch] = iter_batches(data, max_seq_len, batch_size)  # type: ignore[arg-type]
+    n_batches = num_batches(_data_length(data), max_seq_len, batch_size)
+    if batch_order_range and n_batches > MAX_RANGE_BATCHES:
+        raise ValueError(f"batch-order range needs ~3n^2/4 SIGReg evaluations; refusing "
+                         f"{n_batches} batches (limit {MAX_RANGE_BATCHES})")
+    if micro_batch_size == "auto":
+        rows_per_piece = auto_micro_batch_size(config, max_seq_len)
+    elif micro_batch_size is None:
+        rows_per_piece = batch_size
+    elif isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) \
+            and micro_batch_size >= 1:
+        rows_per_piece = micro_batch_size
+    else:
+        raise ValueError(f"micro_batch_size must be a positive int, 'auto' or None, "
+                         f"got {micro_batch_size!r}")
+    if noise is None or noise.seed != seed:
+        noise = NoiseSource(seed)
+    slots = feasible_slots(n_batches) if batch_order_range else None
+    coefficient = np.float32(sig_reg_config.coefficient)
+    # cost[b, k]: coefficient * SIGReg of batch b under slot k's noise (range only).
+    cost = np.full((n_batches, n_batches), np.nan) if batch_order_range else None
+    ce = np.zeros(n_batches, dtype=np.float32)
+    batch_losses = np.zeros(n_batches, dtype=np.float32)
+    mean_loss = np.float32(0.0)
+    mean_embedding = np.zeros(config.embedding_dim, dtype=np.float32)
+    with _progress_bar(n_batches, progress, desc) as bar:
+        for k, batch in enumerate(batches):
+            window = slots[k] if slots is not None else range(k, k + 1)
+            noises = [noise.get(s, config.embedding_dim, sig_reg_config.slices) for s in window]
+            terms = _batch_terms(backend, batch, noises, rows_per_piece)
+            positions = batch.token_ids.size
+            sig_reg = (terms.sig_reg_sums / positions).astype(np.float32)
+            ce[k] = np.float32(terms.ce_sum / positions)
+            loss_k = np.float32(ce[k] + coefficient * sig_reg[k - window.start])
+            embedding_k = (terms.embedding_sum / batch.token_ids.shape[0]).astype(np.float32)
+            count = np.float32(k + 1)
+            mean_loss = np.float32(mean_loss + (loss_k - mean_loss) / count)
+            mean_embedding = (mean_embedding + (embedding_k - mean_embedding) / count
+                              ).astype(np.float32)
+            batch_losses[k] = loss_k
+            if cost is not None:
+                cost[k, window.start:window.stop] = coefficient * sig_reg.astype(np.float64)
+            bar.update(1)
+    order_range = None
+    if cost is not None:
+        low, high, exact = extreme_sums(cost)
+        fixed = float(ce.astype(np.float64).sum())
+        order_range = BatchOrderRange(low=(fixed + low) / n_batches,
+                                      high=(fixed + high) / n_batches, exact=exact,
+                                      orders=order_count(n_batches), n_batches=n_batches)
+    return Score(float(mean_loss), mean_embedding, batch_losses, order_range)
+
+
+def score(weights: object, data: object, seed: int, *, model_config: ModelConfig | None = None,
+          sig_reg_config: SIGRegConfig | None = None, max_seq_len: int = V1_MAX_SEQ_LEN,
+          batch_size: int = V1_BATCH_SIZE, framework: str = "torch", device: object = None,
+          micro_batch_size: int | str | None = None, progress: bool = False,
+          key: object | None = None, batch_order_range: bool = False) -> Score:
+    """Score `weights` on `data` with `seed` exactly as the chain does (SPEC §6).
+
+    weights: path, bytes, dict of canonical arrays, or a loaded torch/Flax `Model`
+        (config inferred from the shapes when `model_config` is None; heads from the
+        file's metadata, else V1's 8).
+    data: bytes-like (bytes, bytearray, memoryview, mmap, uint8 array); empty -> ValueError.
+    seed: u64.
+    framework: "torch" or "flax" (ignored for a loaded model, which uses its own).
+    micro_batch_size: rows per forward pass (None: whole batches; "auto": bounded memory).
+        Only memory changes, not the result (up to float32 summation order).
+    progress: tqdm progress bar on stderr.
+    key: AES-256-CTR key (32 bytes or 64 hex) when the weights are encrypted.
+    batch_order_range: also compute `Score.range`, the lowest and highest loss over the
+        loader's possible batch orders (costs about 3n/4 more SIGReg evaluations per batch).
+    """
+    return compete([weights], data, seed, keys=[key], model_config=model_config,
+                   sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
+                   batch_size=batch_size, framework=framework, device=device,
+                   micro_batch_size=micro_batch_size, progress=progress,
+                   batch_order_range=batch_order_range).scores[0]
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """`1 - (a/|a|) . (b/|b|)` in float32, as on chain; NaN when either vector is zero."""
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    b = np.asarray(b, dtype=np.float32).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"target embedding has {b.size} values, the model's embedding has "
+                         f"{a.size}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit_a = a / np.sqrt(np.sum(a * a, dtype=np.float32))
+        unit_b = b / np.sqrt(np.sum(b * b, dtype=np.float32))
+        return float(np.float32(1.0) - np.dot(unit_a, unit_b))
+
+
+def pick_winner(losses: Sequence[float]) -> int:
+    """Index of the lowest loss, the first on ties; NaN ranks last."""
+    if not losses:
+        raise ValueError("no models to compare")
+    ranked = [np.inf if np.isnan(x) else x for x in losses]
+    return int(np.argmin(ranked))  # argmin returns the first minimum
+
+
+def compete(weights_list: Sequence[object], data: object, seed: int,
+            target: object | None = None, keys: Sequence[object | None] | None = None, *,
+            model_config: ModelConfig | None = None, sig_reg_config: SIGRegConfig | None = None,
+            max_seq_len: int = V1_MAX_SEQ_LEN, batch_size: int = V1_BATCH_SIZE,
+            framework: str = "torch", device: object = None,
+            micro_batch_size: int | str | None = None, progress: bool = False,
+            batch_order_range: bool = False,
+            on_score: Callable[[int, Score], None] | None = None) -> Competition:
+    """Score every weights on the same data and seed; the lowest loss wins (SPEC §7).
+
+    target: `[D]` embedding the winner is compared with (cosine distance), or None.
+    keys: one decryption key (or None) per weights.
+    on_score: called with `(index, score)` as each model finishes.
+    Other arguments as for `score`. Models are loaded one at a time (memory holds one
+    model); the noise is drawn once and shared while it fits a 1 GiB cache.
+    """
+    weights_list = list(weights_list)
+    if not weights_list:
+        raise ValueError("compete needs at least one weights file")
+    keys = [None] * len(weights_list) if keys is None else list(keys)
+    if len(keys) != len(weights_list):
+        raise ValueError(f"got {len(keys)} keys for {len(weights_list)} weights; give one per "
+                         "weights (None for unencrypted)")
+    seed = check_seed(seed)
+    # Refuse bad data before paying for loading any weights.
+    next(iter_batches(data, max_seq_len, batch_size))  # type: ignore[arg-type]
+    noise = NoiseSource(seed)
+    scores: list[Score] = []
+    for i, (weights, key) in enumerate(zip(weights_list, keys)):
+        backend = load_backend(weights, model_config=model_config,
+                               sig_reg_config=sig_reg_config, framework=framework,
+                               device=device, key=key)
+        desc = f"scoring {i + 1}/{len(weights_list)}" if len(weights_list) > 1 else "scoring"
+        result = score_backend(backend, data, seed, sig_reg_config=sig_reg_config,
+                               max_seq_len=max_seq_len, batch_size=batch_size,
+                               micro_batch_size=micro_batch_size,
+                               batch_order_range=batch_order_range, progress=progress,
+                               noise=noise, desc=desc)
+        del backend  # free this model before loading the next
+        scores.append(result)
+        if on_score is not None:
+            on_score(i, result)
+    losses = [s.loss for s in scores]
+    winner = pick_winner(losses)
+    best = scores[winner]
+    distance = None if target is None else cosine_distance(best.embedding, np.asarray(target))
+    return Competition(winner, best.loss, best.embedding, distance, losses, scores)
+
+
+def __getattr__(name: str) -> Any:
+    # `validate`/`Report` import this module's loaders; resolve them lazily to avoid a cycle.
+    if name in ("validate", "Report"):
+        from soma_models.v1 import validation
+
+        return getattr(validation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Competition", "Report", "Score", "commitment", "compete", "decrypt_weights",
+           "encrypt_weights", "score", "validate"]

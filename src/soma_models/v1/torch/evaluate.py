@@ -1,0 +1,93 @@
+"""PyTorch scoring backend: a loaded model's raw per-piece terms (see `soma_models.v1.scoring`).
+
+Scoring runs the model in eval mode (no dropout), without autograd, in strict float32:
+TF32 matmuls and reduced-precision reductions are switched off for the duration, as the
+chain's float32 runtime requires (SPEC §9), and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Self
+
+import numpy as np
+import torch
+
+from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.scoring import PieceTerms
+from soma_models.v1.torch import serde
+from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.torch.modules.model import Model
+from soma_models.v1.torch.modules.sig_reg import sig_reg_statistic
+
+
+@contextlib.contextmanager
+def strict_float32() -> Iterator[None]:
+    """No TF32 and no reduced-precision float32 matmuls inside the block."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then the model's own mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class TorchBackend:
+    """A `ScoringBackend` around a torch `Model`."""
+
+    def __init__(self, model: Model, sig_reg_config: SIGRegConfig):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.sig_reg_config = sig_reg_config
+        self.device = model.embedding.weight.device
+
+    @classmethod
+    def open(cls, source: object, *, model_config: ModelConfig | None,
+             sig_reg_config: SIGRegConfig, device: object = None) -> Self:
+        """source: a torch `Model`, a dict of canonical arrays, a path or bytes."""
+        if isinstance(source, torch.nn.Module):
+            if not isinstance(source, Model):
+                raise TypeError(f"expected a soma_models V1 torch Model, got "
+                                f"{type(source).__name__}")
+            if model_config is not None and model_config != source.config:
+                raise ValueError("model_config differs from the loaded model's config")
+            model = source if device is None else source.to(device)
+        elif isinstance(source, dict):
+            model = serde.from_arrays(source, model_config, device=device)  # type: ignore[arg-type]
+        else:
+            model = serde.load(source, model_config, device=device)  # type: ignore[arg-type]
+        return cls(model, sig_reg_config)
+
+    def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                    noises: Sequence[np.ndarray]) -> PieceTerms:
+        device = self.device
+        tokens = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(device)
+        target = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
+        positions = torch.from_numpy(np.asarray(pos_ids, dtype=np.int64)).to(device)
+        with torch.no_grad(), strict_float32(), eval_mode(self.model):
+            reps = self.model.encode(tokens, positions)                  # [R, S, D]
+            ce_sum = float(cross_entropy_sum(self.model.predict(reps), target))
+            n_positions = reps.shape[0] * reps.shape[1]
+            sig_reg_sums = np.array([
+                float(sig_reg_statistic(reps, torch.from_numpy(noise).to(device),
+                                        self.sig_reg_config)) * n_positions
+                for noise in noises
+            ])
+            embedding_sum = reps.mean(dim=1).sum(dim=0).double().cpu().numpy()
+        return PieceTerms(ce_sum, sig_reg_sums, embedding_sum)
