@@ -1,0 +1,103 @@
+"""The V1 model: embedding -> encoder -> final norm (representations) -> predictor (logits)."""
+
+from __future__ import annotations
+
+import os
+from typing import Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from soma_models.v1.configs import ModelConfig
+from soma_models.v1.flax.modules.attention import HIGHEST, INIT_STD
+from soma_models.v1.flax.modules.encoder import Encoder
+from soma_models.v1.flax.modules.layer import layer_norm
+
+
+def default_pos_ids(token_ids: jax.Array) -> jax.Array:
+    """`0 .. S-1` on every row, shaped like `token_ids` `[B, S]`."""
+    seq = token_ids.shape[-1]
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), token_ids.shape)
+
+
+def _check_token_range(token_ids: jax.Array, vocab_size: int) -> None:
+    """Out-of-range ids would silently read NaN rows under JAX; refuse them when we can see them."""
+    if isinstance(token_ids, jax.core.Tracer) or token_ids.size == 0:
+        return
+    low, high = int(token_ids.min()), int(token_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), found values in "
+                         f"[{low}, {high}]")
+
+
+class Model(nnx.Module):
+    """V1 transformer. token_ids `[B, S]` (int), pos_ids `[B, S]` -> logits `[B, S, vocab]`.
+
+    From-scratch init (as the PyTorch model): N(0, 0.02) weights, zero biases, unit norms;
+    the residual projections use 0.02 / sqrt(2 * num_layers). Dropout (if the config has
+    any) draws from `rngs`' "dropout" stream and is active only in `model.train()` mode.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, *, rngs: nnx.Rngs):
+        self.config = config = config or ModelConfig()
+        normal = nnx.initializers.normal(INIT_STD)
+        self.embedding = nnx.Embed(config.vocab_size, config.embedding_dim,
+                                   embedding_init=normal, rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.final_norm = layer_norm(config.embedding_dim, rngs)
+        self.predictor = nnx.Linear(config.embedding_dim, config.vocab_size, kernel_init=normal,
+                                    precision=HIGHEST, rngs=rngs)
+
+    def encode(self, token_ids: jax.Array | np.ndarray,
+               pos_ids: jax.Array | np.ndarray | None = None) -> jax.Array:
+        """Representations `[B, S, D]` (after the final LayerNorm)."""
+        token_ids = jnp.asarray(token_ids)
+        if not jnp.issubdtype(token_ids.dtype, jnp.integer):
+            raise TypeError(f"token_ids must be integers, got dtype {token_ids.dtype}")
+        _check_token_range(token_ids, self.config.vocab_size)
+        if pos_ids is None:
+            pos_ids = default_pos_ids(token_ids)
+        elif not hasattr(pos_ids, "shape"):
+            pos_ids = np.asarray(pos_ids, dtype=np.int64)
+        if tuple(pos_ids.shape) != tuple(token_ids.shape):
+            raise ValueError(f"pos_ids shape {list(pos_ids.shape)} != token_ids shape "
+                             f"{list(token_ids.shape)}")
+        x = self.embedding(token_ids)
+        return self.final_norm(self.encoder(x, pos_ids))
+
+    def predict(self, representations: jax.Array) -> jax.Array:
+        """Logits `[B, S, vocab]` from representations `[B, S, D]`."""
+        return self.predictor(representations)
+
+    def __call__(self, token_ids: jax.Array | np.ndarray,
+                 pos_ids: jax.Array | np.ndarray | None = None) -> jax.Array:
+        return self.predict(self.encode(token_ids, pos_ids))
+
+    # --- weights (canonical safetensors; see soma_models.v1.flax.serde) ---
+    def save(self, path: str | os.PathLike) -> None:
+        from soma_models.v1.flax import serde
+
+        serde.save(self, path)
+
+    def save_bytes(self) -> bytes:
+        from soma_models.v1.flax import serde
+
+        return serde.to_bytes(self)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: ModelConfig | None = None, *,
+             rngs: nnx.Rngs | None = None) -> Self:
+        """Load canonical weights; `config=None` infers sizes from the file (heads from its
+        metadata, else V1's). `rngs` seeds dropout (default `nnx.Rngs(0)`)."""
+        from soma_models.v1.flax import serde
+
+        return serde.load(path, config, rngs=rngs, model_cls=cls)
+
+    @classmethod
+    def load_bytes(cls, data: bytes | bytearray | memoryview, config: ModelConfig | None = None,
+                   *, rngs: nnx.Rngs | None = None) -> Self:
+        from soma_models.v1.flax import serde
+
+        return serde.load(data, config, rngs=rngs, model_cls=cls)

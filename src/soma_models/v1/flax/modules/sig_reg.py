@@ -1,0 +1,88 @@
+"""SIGReg: how far projected representations are from a standard Gaussian (SPEC §5).
+
+For unit directions A (noise columns normalised), p = x @ A is compared, per position,
+with N(0, 1) through its empirical characteristic function over the slices. We never
+build the `[positions, slices, points]` tensor: positions are processed in chunks
+(`lax.map`), and each quadrature point in turn; each chunk is rematerialised in the
+backward pass, so saved activations stay `[chunk, slices]`-sized.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from soma_models.v1.configs import SIGRegConfig
+from soma_models.v1.flax.modules.attention import HIGHEST, exact_divide
+from soma_models.v1.noise import quadrature
+
+# Positions per chunk: [chunk, slices] float32 temporaries stay around 16 MB at 1024 slices.
+POSITIONS_PER_CHUNK = 4096
+
+
+def _chunk_sum(x: jax.Array, valid: jax.Array, directions: jax.Array, t: jax.Array,
+               phi: jax.Array, weights: jax.Array) -> jax.Array:
+    """Σ over the chunk's valid positions of slices * Σ_j w_j ((c_j - phi_j)^2 + z_j^2)."""
+    p = jnp.matmul(x, directions, precision=HIGHEST)                 # [P, slices]
+    total = jnp.zeros(p.shape[0], dtype=p.dtype)
+    for j in range(t.shape[0]):
+        pt = p * t[j]
+        c = jnp.cos(pt).mean(axis=-1)
+        z = jnp.sin(pt).mean(axis=-1)
+        total = total + weights[j] * ((c - phi[j]) ** 2 + z * z)
+    return jnp.where(valid, p.shape[-1] * total, 0.0).sum()
+
+
+def sig_reg_statistic(x: jax.Array, noise: jax.Array, config: SIGRegConfig,
+                      positions_per_chunk: int = POSITIONS_PER_CHUNK) -> jax.Array:
+    """Raw SIGReg statistic (no coefficient) of x `[..., D]` with noise `[D, slices]`."""
+    x = jnp.asarray(x)
+    noise = jnp.asarray(noise, dtype=jnp.float32)
+    if noise.ndim != 2 or noise.shape[0] != x.shape[-1]:
+        raise ValueError(f"noise must be [embedding_dim={x.shape[-1]}, slices], "
+                         f"got {list(noise.shape)}")
+    t, phi, weights = (jnp.asarray(a) for a in quadrature(config))
+    directions = exact_divide(noise, jnp.sqrt(jnp.sum(noise * noise, axis=0, keepdims=True)))
+    flat = x.reshape(-1, x.shape[-1])
+    positions = flat.shape[0]
+    chunk_sum = jax.checkpoint(
+        lambda chunk, valid: _chunk_sum(chunk, valid, directions, t, phi, weights))
+    if positions <= positions_per_chunk:
+        total = chunk_sum(flat, jnp.ones(positions, dtype=bool))
+    else:
+        chunks = -(-positions // positions_per_chunk)
+        padded = chunks * positions_per_chunk
+        flat = jnp.pad(flat, ((0, padded - positions), (0, 0)))
+        valid = jnp.arange(padded) < positions
+        sums = jax.lax.map(
+            lambda args: chunk_sum(*args),
+            (flat.reshape(chunks, positions_per_chunk, -1),
+             valid.reshape(chunks, positions_per_chunk)))
+        total = sums.sum()
+    return total / positions
+
+
+class SIGReg(nnx.Module):
+    """`coefficient * SIGReg(x)`, so that `loss = cross_entropy + sig_reg(x)`.
+
+    Without `noise`, the `[D, slices]` standard-normal noise is drawn with `jax.random`
+    from the "sig_reg" stream of `rngs` (which falls back to the default stream).
+    """
+
+    def __init__(self, config: SIGRegConfig | None = None, *, rngs: nnx.Rngs | None = None):
+        self.config = config or SIGRegConfig()
+        self.rngs = rngs["sig_reg"].fork() if rngs is not None else nnx.data(None)
+
+    def statistic(self, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+        """The raw statistic (what the runtime's SIGReg module returns)."""
+        if noise is None:
+            if self.rngs is None:
+                raise ValueError("SIGReg was built without rngs: pass noise=[D, slices] "
+                                 "explicitly or construct SIGReg(config, rngs=nnx.Rngs(...))")
+            noise = jax.random.normal(self.rngs(), (x.shape[-1], self.config.slices),
+                                      dtype=jnp.float32)
+        return sig_reg_statistic(x, noise, self.config)
+
+    def __call__(self, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+        return self.config.coefficient * self.statistic(x, noise)
