@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from soma_models.errors import WeightsFormatError
+from soma_models.safetensors_io import describe_source
 from soma_models.v1.batch_order import (
     BatchOrderRange,
     extreme_sums,
@@ -207,10 +209,11 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
     try:
         return backend_cls.open(source, model_config=model_config,
                                 sig_reg_config=sig_reg_config, device=device)
-    except ValueError as exc:
-        if key is not None and "not a safetensors file" in str(exc):
-            raise type(exc)(f"{exc} (wrong decryption key?)") from None
-        raise
+    except WeightsFormatError as exc:
+        if key is None:
+            raise
+        raise WeightsFormatError(describe_source(weights), [f"{p} (wrong decryption key?)"
+                                              for p in exc.problems]) from None
 
 
 # --------------------------------------------------------------------------- driver
