@@ -47,6 +47,7 @@ from soma_models.v1.transit import (
     decrypt_weights,
     encrypt_weights,
 )
+from soma_models.v1.validation import Report, validate
 
 FRAMEWORKS = ("torch", "flax")
 # Batch-order ranges need a SIGReg term for every feasible (batch, slot) pair, about
@@ -416,15 +417,6 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
     best = scores[winner]
     distance = None if target is None else cosine_distance(best.embedding, np.asarray(target))
     return Competition(winner, best.loss, best.embedding, distance, losses, scores)
-
-
-def __getattr__(name: str) -> Any:
-    # `validate`/`Report` import this module's loaders; resolve them lazily to avoid a cycle.
-    if name in ("validate", "Report"):
-        from soma_models.v1 import validation
-
-        return getattr(validation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Competition", "Report", "Score", "commitment", "compete", "decrypt_weights",
