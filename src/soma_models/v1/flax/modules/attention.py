@@ -7,9 +7,10 @@ a row lies below about -1e4 the softmax gives the weight to the future positions
 `causal_attention` is exact for every row and linear in memory. Queries and keys are cut
 into blocks; for each query block an online (flash-style) softmax runs over the visible
 key blocks only (future blocks are skipped with `lax.cond`), which yields, per row i, the
-visible part and its log-sum-exp. The S-1-i future keys all score exactly -1e4, so their
-share is added analytically: total mass `logaddexp(L_visible, -1e4 + log(S-1-i))`, value
-contribution `exp(-1e4 - L) * Σ_{j>i} v_j` (a suffix sum of v). Each query block is
+visible part: its maximum m_i, mass l_i and weighted value sum. The S-1-i future keys all
+score exactly -1e4, so their share is added analytically after shifting by the row's
+overall maximum M_i = max(m_i, -1e4): mass (S-1-i) exp(-1e4 - M_i), value contribution
+exp(-1e4 - M_i) * Σ_{j>i} v_j (a suffix sum of v). Each query block is
 rematerialised in the backward pass, so gradients stay linear in memory too.
 `masked_attention` is the plain O(S^2) formula, kept for tests and short sequences.
 """
@@ -155,15 +156,17 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout_rate: flo
             return carry, None
 
         (row_max, row_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(blocks))
-        log_visible = row_max + jnp.log(row_sum)                          # [B, H, C]
         rows = qi * block_size + offsets
-        future_count = jnp.maximum(seq - 1 - rows, 0)                      # S-1-i (0 on pads)
-        log_fill = jnp.where(future_count > 0,
-                             fill + jnp.log(jnp.maximum(future_count, 1).astype(q.dtype)),
-                             -jnp.inf)
-        log_total = jnp.logaddexp(log_visible, log_fill)
-        visible_out = (acc / row_sum[..., None]) * jnp.exp(log_visible - log_total)[..., None]
-        return visible_out + jnp.exp(fill - log_total)[..., None] * suffix_block
+        future_count = jnp.maximum(seq - 1 - rows, 0).astype(q.dtype)    # S-1-i (0 on pads)
+        # Shift by the row's overall maximum, visible or fill, as the runtime's softmax
+        # does: scores near -1e4 have an ulp of ~1e-3, so the shifts must stay differences
+        # of raw scores (exact) rather than go through an absolute log-sum-exp.
+        shift = jnp.where(future_count > 0, jnp.maximum(row_max, fill), row_max)
+        visible_scale = jnp.exp(row_max - shift)
+        fill_weight = jnp.where(future_count > 0, jnp.exp(fill - shift), 0.0)
+        total = row_sum * visible_scale + future_count * fill_weight
+        numerator = acc * visible_scale[..., None] + fill_weight[..., None] * suffix_block
+        return numerator / total[..., None]
 
     # Rematerialise each query block in the backward pass: only its inputs are saved.
     out = jax.lax.map(jax.checkpoint(query_block), jnp.arange(blocks))  # [n, B, H, C, hd]
