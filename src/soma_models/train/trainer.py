@@ -1,0 +1,514 @@
+"""The training loop: data -> AdamW on the on-chain loss -> checkpoints, metrics, score.
+
+The objective is what the chain scores (SPEC §6): per micro-batch,
+`cross_entropy_sum / (rows * seq_len) + coefficient * SIGReg(representations, noise)`,
+with fresh Gaussian SIGReg noise for every micro-batch.
+
+Determinism. Every source of randomness is a function of `(seed, step, micro-batch)`:
+the chunk order (one seeded permutation per epoch), the dropout masks (torch's RNG is
+re-seeded before each micro-batch) and the SIGReg noise (its own seeded generator).
+Hence
+
+* an interrupted run resumed from a checkpoint ends with the same weights as an
+  uninterrupted one (the checkpoint also stores the RNG states and data position);
+* N processes with the same *global* batch compute the same micro-batches as one
+  process would, only spread out, so they reach the same weights up to float
+  summation order.
+
+Global batch = `micro_batch_size * accumulation * world_size` chunks. Global micro-batch
+`m` of a step goes to rank `m % world_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from soma_models.train import checkpoint as ckpt
+from soma_models.train import distributed as distrib
+from soma_models.train.data import (
+    SPLITS,
+    ChunkStream,
+    ChunkTable,
+    DataError,
+    join_documents,
+    read_documents,
+    split_documents,
+)
+from soma_models.train.metrics import MetricsLog, exact_score, heldout_cross_entropy, read_metrics
+from soma_models.train.plot import MISSING_MATPLOTLIB, plot_losses
+from soma_models.train.schedule import learning_rate
+from soma_models.v1.configs import (
+    V1_BATCH_SIZE,
+    V1_MAX_SEQ_LEN,
+    V1_PAD_TOKEN_ID,
+    V1_SIG_REG_COEFFICIENT,
+    V1_SIG_REG_SLICES,
+    ModelConfig,
+    SIGRegConfig,
+    preset,
+)
+from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.torch.modules import Model, SIGReg
+
+SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
+
+
+class TrainError(ValueError):
+    """A training run cannot start or continue; the message is one line naming the problem."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Defaults suit a small model on one machine."""
+
+    data: list[str] = field(default_factory=list)
+    out_dir: str = "runs/soma"
+    # --- model ---
+    config: str = "tiny"                 # a preset of soma_models.v1.configs.PRESETS
+    embedding_dim: int | None = None     # explicit sizes override the preset's
+    num_layers: int | None = None
+    num_heads: int | None = None
+    pwff_hidden_dim: int | None = None
+    dropout: float = 0.0
+    init_from: str | None = None         # start from these weights instead of from scratch
+    # --- data ---
+    seq_len: int = 512
+    val_fraction: float = 0.1
+    split: str = "bytes"
+    shuffle: bool = True
+    # --- optimisation ---
+    steps: int = 1000
+    batch_size: int = 16                 # global batch, in chunks of seq_len
+    micro_batch_size: int | None = None  # per process; None = batch_size / world_size
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    sig_reg_coefficient: float = V1_SIG_REG_COEFFICIENT
+    sig_reg_slices: int = V1_SIG_REG_SLICES
+    bf16: bool = False
+    seed: int = 0
+    # --- watching and saving ---
+    eval_every: int = 100
+    eval_batch_size: int = 8
+    score_every: int = 0                 # 0: score only at the end
+    score_seed: int = 0
+    score_seq_len: int | None = None     # None: the chain's 8192
+    score_batch_size: int = V1_BATCH_SIZE
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = False
+    max_minutes: float | None = None     # stop early (and checkpoint) after this long
+    progress: bool = True
+    plot: bool = True
+    # --- hardware ---
+    device: str | None = None
+    parallel: str | None = None          # None/"ddp" or "fsdp" (under torchrun)
+
+    def model_config(self) -> ModelConfig:
+        base = preset(self.config)
+        sizes = {k: getattr(self, k) for k in SIZE_FIELDS if getattr(self, k) is not None}
+        return dataclasses.replace(base, dropout_rate=self.dropout, **sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    weights: Path
+    metrics: Path
+    plot: Path | None
+    step: int
+    val_ce: float | None
+    score: float | None
+    score_seq_len: int
+    tokens_per_second: float
+    seconds: float
+
+
+def _micro_seed(seed: int, step: int, micro: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, step, global micro-batch, purpose)."""
+    state = np.random.SeedSequence([seed, step, micro, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _corpus_fingerprint(documents) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for doc in documents:
+        h.update(doc.name.encode("utf-8") + b"\0" + len(doc.data).to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise TrainError(message)
+
+
+class Trainer:
+    """One training run. `Trainer(cfg).run()` trains, checkpoints, scores, plots."""
+
+    def __init__(self, cfg: TrainConfig, ctx: distrib.DistContext | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or distrib.init_distributed(cfg.device)
+        self.out_dir = Path(cfg.out_dir)
+        self._validate()
+        self.model_config = cfg.model_config()
+        self.model_config.require_contract_vocab()
+        self._setup_data()
+        self._setup_model()
+        self.step = 0
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+
+    # ------------------------------------------------------------------ setup
+    def _validate(self) -> None:
+        cfg, world = self.cfg, self.ctx.world_size
+        _check(cfg.split in SPLITS, f"unknown split {cfg.split!r}; choose one of {SPLITS}")
+        for name in ("seq_len", "steps", "batch_size", "eval_batch_size", "score_batch_size",
+                     "sig_reg_slices"):
+            _check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
+                                           f"got {getattr(cfg, name)}")
+        micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+        _check(cfg.batch_size % (micro * world) == 0,
+               f"batch size {cfg.batch_size} is not a multiple of micro-batch size {micro} x "
+               f"{world} process(es)")
+        self.micro_batch_size = micro
+        self.accumulation = cfg.batch_size // (micro * world)
+        _check(cfg.parallel in (None, *distrib.PARALLEL_MODES),
+               f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp")
+        _check(cfg.lr > 0 and cfg.grad_clip >= 0 and 0 <= cfg.min_lr_ratio <= 1,
+               "need --lr > 0, --grad-clip >= 0 and 0 <= --min-lr-ratio <= 1")
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        try:
+            documents = read_documents(cfg.data)
+            train_docs, val_docs = split_documents(documents, cfg.val_fraction, cfg.split)
+        except DataError as exc:
+            raise TrainError(str(exc)) from None
+        self.train_table = ChunkTable(train_docs, cfg.seq_len)
+        self.val_data = join_documents(val_docs)
+        self.stream = ChunkStream(len(self.train_table), cfg.seed, cfg.shuffle)
+        self.corpus = {
+            "files": len(documents), "train_files": len(train_docs), "val_files": len(val_docs),
+            "train_bytes": self.train_table.num_bytes, "val_bytes": len(self.val_data),
+            "train_chunks": len(self.train_table),
+            "fingerprint": _corpus_fingerprint(train_docs),
+        }
+
+    def _setup_model(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        torch.manual_seed(cfg.seed)
+        model = Model(self.model_config)  # from-scratch init: Model.reset_parameters
+        if cfg.init_from:
+            try:
+                source = Model.load(cfg.init_from, self.model_config)
+            except (OSError, ValueError) as exc:
+                raise TrainError(" ".join(str(exc).split())) from None
+            model.load_state_dict(source.state_dict())
+        model.to(ctx.device)
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.module = distrib.wrap(distrib.TrainingModule(model), cfg.parallel, ctx)
+        self.sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices,
+                                           coefficient=cfg.sig_reg_coefficient))
+        # Weight decay on matrices only (embedding, linear weights), not on norms or biases.
+        inner = distrib.unwrap(self.module).model
+        decay = [p for p in inner.parameters() if p.ndim >= 2]
+        no_decay = [p for p in inner.parameters() if p.ndim < 2]
+        by_id = {id(p): n for n, p in inner.named_parameters()}
+        self.param_names = [by_id[id(p)] for p in decay + no_decay]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+            foreach=cfg.parallel != "fsdp")
+
+    # ----------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def _plain_model(self) -> Model | None:
+        """A plain, unsharded `Model` with the current weights (rank 0; collective under FSDP)."""
+        if self.cfg.parallel != "fsdp":
+            return distrib.unwrap(self.module).model if self.ctx.is_main else None
+        state = distrib.full_model_state(self.module, "fsdp")
+        if not self.ctx.is_main:
+            return None
+        with torch.device("meta"):
+            plain = Model(self.model_config)
+        plain.load_state_dict(state, assign=True)
+        return plain
+
+    def save_checkpoint(self) -> None:
+        plain = self._plain_model()
+        optim = distrib.full_optimizer_state(self.module, self.optimizer, self.cfg.parallel,
+                                             self.param_names)
+        if self.ctx.is_main:
+            tensors = {f"optimizer.{k}": v.numpy() for k, v in optim.items()}
+            tensors["rng.torch"] = torch.get_rng_state().numpy()
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda.{i}"] = s.numpy()
+            np_state = np.random.get_state()
+            py_version, py_internal, py_gauss = random.getstate()
+            state = {
+                "step": self.step,
+                "data_position": self.stream.position,
+                "model_config": self.model_config.to_dict(),
+                "train_config": self.cfg.to_dict(),
+                "corpus": self.corpus,
+                "world_size": self.ctx.world_size,
+                "rng": {"python": [py_version, list(py_internal), py_gauss],
+                        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]},
+            }
+            ckpt.save_checkpoint(self.checkpoint_root, self.step, model_writer=plain.save,
+                                 tensors=tensors, state=state,
+                                 keep_last=self.cfg.keep_checkpoints)
+        distrib.barrier(self.ctx)
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint under `out_dir` (nothing there: start fresh)."""
+        root = self.checkpoint_root
+        if not root.exists() or not any(root.iterdir()):
+            return
+        try:
+            folder = ckpt.find_checkpoint(root)
+            state, tensors = ckpt.read_checkpoint(folder)
+        except ckpt.CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+        saved = state.get("model_config", {})
+        if saved != self.model_config.to_dict():
+            diff = sorted(k for k in set(saved) | set(self.model_config.to_dict())
+                          if saved.get(k) != self.model_config.to_dict().get(k))
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested "
+                                f"{self.model_config.to_dict().get(k)!r}" for k in diff)
+            raise TrainError(f"{folder}: model config does not match the checkpoint ({details})")
+        saved_seq = state.get("train_config", {}).get("seq_len")
+        _check(saved_seq == self.cfg.seq_len,
+               f"{folder}: checkpoint was trained with --seq-len {saved_seq}, "
+               f"not {self.cfg.seq_len}")
+        _check(state.get("corpus", {}).get("fingerprint") == self.corpus["fingerprint"],
+               f"{folder}: the training data differs from the checkpoint's (files or sizes "
+               f"changed); resume with the same data, or start a new --out-dir")
+        try:
+            weights = Model.load(folder / ckpt.MODEL_FILE, self.model_config)
+        except (OSError, ValueError) as exc:
+            raise TrainError(" ".join(str(exc).split())) from None
+        prefix = "optimizer."
+        optim = {k[len(prefix):]: torch.from_numpy(v) for k, v in tensors.items()
+                 if k.startswith(prefix)}
+        distrib.load_full_state(self.module, self.optimizer, self.cfg.parallel,
+                                self.param_names,
+                                {k: v.to(self.ctx.device)
+                                 for k, v in weights.state_dict().items()}, optim)
+        self.step = int(state["step"])
+        self.stream.position = int(state["data_position"])
+        torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"rng.cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(torch.from_numpy(tensors[f"rng.cuda.{i}"]), i)
+        py = state["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npy = state["rng"]["numpy"]
+        np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+        if self.ctx.is_main:
+            self.log.truncate_after(self.step)
+
+    # -------------------------------------------------------------- training
+    def _micro_batch_loss(self, indices: np.ndarray, step: int, micro: int
+                          ) -> tuple[torch.Tensor, float, int]:
+        """On-chain loss of one micro-batch; returns (loss, ce_sum, predicted tokens)."""
+        cfg, dev = self.cfg, self.ctx.device
+        batch = self.train_table.rows(indices)
+        tokens = torch.from_numpy(batch.token_ids).to(dev)
+        targets = torch.from_numpy(batch.targets).to(dev)
+        pos = torch.from_numpy(batch.pos_ids).to(dev)
+        # Dropout masks depend only on (seed, step, micro-batch): see the module docstring.
+        torch.manual_seed(_micro_seed(cfg.seed, step, micro, 0))
+        noise_gen = torch.Generator().manual_seed(_micro_seed(cfg.seed, step, micro, 1))
+        noise = torch.randn(self.model_config.embedding_dim, cfg.sig_reg_slices,
+                            generator=noise_gen).to(dev)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16
+                    else contextlib.nullcontext())
+        with autocast:
+            representations, logits = self.module(tokens, pos)
+        ce_sum = cross_entropy_sum(logits.float(), targets)
+        loss = ce_sum / targets.numel()
+        if cfg.sig_reg_coefficient > 0:
+            loss = loss + self.sig_reg(representations.float(), noise=noise)
+        return loss, float(ce_sum.detach()), int((targets != V1_PAD_TOKEN_ID).sum())
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over one global batch."""
+        cfg, ctx = self.cfg, self.ctx
+        lr = learning_rate(self.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
+                           total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        indices = self.stream.take(cfg.batch_size)
+        loss_total, ce_total, token_total = 0.0, 0.0, 0
+        for a in range(self.accumulation):
+            micro = a * ctx.world_size + ctx.rank
+            rows = indices[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
+            last = a == self.accumulation - 1
+            sync = contextlib.nullcontext()
+            if not last and isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
+                sync = self.module.no_sync()
+            elif cfg.parallel == "fsdp":
+                self.module.set_requires_gradient_sync(last)
+            with sync:
+                loss, ce_sum, tokens = self._micro_batch_loss(rows, self.step, micro)
+                (loss / self.accumulation).backward()
+            loss_total += float(loss.detach())
+            ce_total += ce_sum
+            token_total += tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            distrib.unwrap(self.module).parameters(),
+            cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_mean, ce_sum_all, tokens_all = distrib.all_reduce_mean(
+            ctx, [loss_total / self.accumulation, ce_total, float(token_total)])
+        return {"loss": loss_mean, "train_ce": ce_sum_all / max(tokens_all, 1.0),
+                "lr": lr, "grad_norm": grad_norm}
+
+    def evaluate(self, with_score: bool) -> dict[str, float]:
+        """Held-out cross-entropy (and, if asked, the exact score) on rank 0."""
+        cfg = self.cfg
+        plain = self._plain_model()
+        out: dict[str, float] = {}
+        if self.ctx.is_main:
+            out["val_ce"] = heldout_cross_entropy(plain, self.val_data, cfg.seq_len,
+                                                  cfg.eval_batch_size)
+            if with_score:
+                result = exact_score(plain, self.val_data, cfg.score_seed,
+                                     max_seq_len=self.score_seq_len,
+                                     batch_size=cfg.score_batch_size)
+                out["score"] = float(result.loss)
+        distrib.barrier(self.ctx)
+        return out
+
+    @property
+    def score_seq_len(self) -> int:
+        return self.cfg.score_seq_len or V1_MAX_SEQ_LEN
+
+    def run(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume and (self.out_dir / "metrics.jsonl").exists():
+                (self.out_dir / "metrics.jsonl").unlink()
+        distrib.barrier(ctx)
+        if cfg.resume:
+            self.resume()
+        if ctx.is_main:
+            ckpt.write_json(self.out_dir / "run.json", {
+                "train_config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
+                "corpus": self.corpus, "world_size": ctx.world_size,
+                "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation})
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        start_step, started = self.step, time.perf_counter()
+        bar = None
+        if ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        last: dict[str, float] = {}
+        evals: dict[str, float] = {}
+        stopped_early = False
+        while self.step < cfg.steps:
+            last = self.train_step()
+            elapsed = time.perf_counter() - started
+            speed = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            if ctx.is_main:
+                self.log.write(kind="train", step=self.step,
+                               tokens=self.step * tokens_per_step, tokens_per_s=round(speed, 1),
+                               epoch=round(self.stream.epoch, 4), **last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['train_ce']:.3f}",
+                                    tok_s=f"{speed:,.0f}")
+            final = self.step == cfg.steps
+            if cfg.max_minutes is not None:
+                over = distrib.broadcast_object(ctx, elapsed > 60 * cfg.max_minutes)
+                if over and not final:
+                    stopped_early = final = True
+            if final or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                scored = final or bool(cfg.score_every and self.step % cfg.score_every == 0)
+                evals = self.evaluate(with_score=scored)
+                if ctx.is_main:
+                    self.log.write(kind="eval", step=self.step,
+                                   tokens=self.step * tokens_per_step, **evals)
+                    if bar is not None:
+                        bar.write(f"step {self.step}: held-out CE {evals['val_ce']:.4f}"
+                                  + (f", exact score {evals['score']:.4f}"
+                                     if "score" in evals else ""))
+            if final or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save_checkpoint()
+            if stopped_early:
+                if bar is not None:
+                    bar.write(f"stopping at step {self.step}: --max-minutes "
+                              f"{cfg.max_minutes} reached")
+                break
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - started
+        speed = (self.step - start_step) * tokens_per_step / max(seconds, 1e-9)
+        weights = self.out_dir / "model.safetensors"
+        plot_path = None
+        plain = self._plain_model()
+        if ctx.is_main:
+            plain.save(weights)
+            records = read_metrics(self.log.path) if self.log.path.exists() else []
+            if cfg.plot:
+                plot_path = plot_losses(records, self.out_dir / "loss.png",
+                                        title=f"{cfg.config} model, seq_len {cfg.seq_len}")
+                if plot_path is None:
+                    print(MISSING_MATPLOTLIB, file=sys.stderr)
+            summary = {"step": self.step, "tokens_per_s": speed, "seconds": seconds,
+                       "score_seq_len": self.score_seq_len, **evals}
+            ckpt.write_json(self.out_dir / "summary.json", summary)
+        distrib.barrier(ctx)
+        return TrainResult(self.out_dir, weights, self.log.path, plot_path, self.step,
+                           evals.get("val_ce"), evals.get("score"), self.score_seq_len,
+                           speed, seconds)
+
+
+def _plain(value):
+    """NumPy scalars -> Python scalars for JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run `cfg` (joins a torchrun process group when launched under one)."""
+    ctx = distrib.init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        distrib.shutdown(ctx)
+
+
+def describe(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=1)
+
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "train"]
