@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from soma_models.train.trainer import TrainConfig
+
+# These models are tiny: one thread is fastest, and on a busy 2-core CI machine torch's
+# second thread mostly waits for the other at every op.
+torch.set_num_threads(1)
 
 # Small enough that a step takes milliseconds; still every part of the V1 architecture.
 SMALL_SIZES = dict(config="tiny", embedding_dim=32, num_layers=1, num_heads=2,

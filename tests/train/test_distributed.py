@@ -1,0 +1,65 @@
+"""Multi-process data parallelism on CPU (gloo): 2 processes under torchrun reach the same
+weights as 1 process with the same global batch, for DDP and for FSDP2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from soma_models.safetensors_io import SafetensorsFile
+from soma_models.train.trainer import train
+
+from .conftest import SMALL_SIZES, small_config
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def _weights(path):
+    file = SafetensorsFile(path)
+    return {k: np.array(file.array(k)) for k in file.tensors}
+
+
+def _cli_args(cfg) -> list[str]:
+    args = ["--data", *cfg.data, "--out", cfg.out_dir, "--no-progress", "--no-plot"]
+    for name in ("seq_len", "batch_size", "micro_batch_size", "steps", "warmup_steps",
+                 "eval_every", "checkpoint_every", "score_seq_len", "score_batch_size",
+                 "sig_reg_slices", "lr", "dropout", *SMALL_SIZES):
+        args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from .conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("dist")
+    corpus = write_corpus(root / "corpus")
+    # Global batch 4 as 4 accumulated micro-batches of 1 in one process; dropout on.
+    cfg = small_config(corpus, root / "single", steps=4, micro_batch_size=1, dropout=0.1,
+                       eval_every=4, checkpoint_every=4)
+    return cfg, _weights(train(cfg).weights)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(reference, parallel, tmp_path):
+    cfg, single = reference
+    out = tmp_path / parallel
+    args = _cli_args(cfg)
+    args[args.index("--out") + 1] = str(out)
+    # Same global batch: 2 processes x 2 accumulated micro-batches of 1.
+    command = [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m", "soma_models.train",
+               *args, "--parallel", parallel]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    multi = _weights(out / "model.safetensors")
+    assert multi.keys() == single.keys()
+    for key in single:
+        np.testing.assert_allclose(multi[key], single[key], rtol=0, atol=1e-5, err_msg=key)
+    assert (out / "checkpoints" / "latest.json").is_file()
