@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from soma_models.v1.configs import SIGRegConfig, ModelConfig
+from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.noise import quadrature, sig_reg_reference
 from soma_models.v1.torch.modules import attention, sig_reg
 from soma_models.v1.torch.modules.attention import apply_rope, causal_attention
@@ -278,3 +278,88 @@ def test_sig_reg_float64_and_no_grad_paths_agree() -> None:
     assert value64.dtype == torch.float64
     assert_close(value32, value64)
     assert_close(value64, direct_sig_reg(x, noise, config), rtol=1e-12, atol=1e-12)
+
+
+# --- training step ------------------------------------------------------------------
+
+
+def reference_step_gradients(model: Model, tokens: torch.Tensor, targets: torch.Tensor,
+                             noise: torch.Tensor, config: SIGRegConfig):
+    """Loss and gradients with materialised attention and the direct SIGReg formula."""
+    for module in model.modules():
+        if isinstance(module, attention.MultiHeadAttention):
+            module.fused = False
+    model.zero_grad(set_to_none=True)
+    reps = model.encode(tokens)
+    logits = model.predict(reps)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           targets.reshape(-1), ignore_index=256,
+                                           reduction="sum") / targets.numel()
+    loss = ce + config.coefficient * direct_sig_reg(reps, noise, config).float()
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_train_step_gradients_match_a_materialised_step(checkpointing: bool) -> None:
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import make_optimizer, prepare_model, train_step
+
+    config = SIGRegConfig(slices=64)
+    fast, slow = model_pair(SMALL, weight_std=None, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(14)
+    tokens = torch.randint(0, 258, (2, 96), generator=generator)
+    targets = torch.randint(0, 258, (2, 96), generator=generator)
+    targets[:, -5:] = 256                                   # PAD targets count in the mean
+    noise = torch.randn(SMALL.embedding_dim, config.slices, generator=generator)
+    pos_ids = torch.arange(96).expand(2, 96)
+    prepare_model(fast, activation_checkpointing=checkpointing)
+    optimizer = make_optimizer(fast, lr=0.0)              # lr 0: the step leaves weights as is
+    result = train_step(fast, SIGReg(config), optimizer, (tokens, targets, pos_ids), noise=noise)
+    expected_loss, expected_grads = reference_step_gradients(slow, tokens, targets, noise, config)
+    np.testing.assert_allclose(result.loss, expected_loss, rtol=RTOL)
+    np.testing.assert_allclose(result.loss, result.cross_entropy + result.sig_reg, rtol=1e-6)
+    for name, param in fast.named_parameters():
+        assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_updates_weights_and_accepts_array_batches() -> None:
+    from soma_models.v1.tokenizer import iter_batches
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import make_optimizer, train_step
+
+    config = ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2)
+    model = Model(config)
+    before = model.predictor.weight.detach().clone()
+    batch = next(iter(iter_batches(bytes(range(200)) * 3, max_seq_len=64, batch_size=2)))
+    result = train_step(model, SIGReg(SIGRegConfig(slices=16)), make_optimizer(model, lr=1e-2),
+                        batch, max_grad_norm=1.0)
+    assert result.grad_norm is not None and result.grad_norm > 0.0
+    assert math.isfinite(result.loss)
+    assert not torch.equal(before, model.predictor.weight)
+
+
+def test_bf16_autocast_is_refused_on_cpu() -> None:
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import make_optimizer, train_step
+
+    model = Model(ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2))
+    batch = (torch.zeros(1, 8, dtype=torch.long),) * 2 + (torch.arange(8)[None],)
+    with pytest.raises(ValueError, match="only supported on CUDA"):
+        train_step(model, SIGReg(SIGRegConfig(slices=8)), make_optimizer(model), batch,
+                   autocast_bf16=True)
+
+
+def test_make_optimizer_decays_matrices_only() -> None:
+    from soma_models.v1.torch.train_step import make_optimizer
+
+    model = Model(ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2))
+    optimizer = make_optimizer(model, weight_decay=0.1)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (param.ndim >= 2), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    for implementation in ("fused", "foreach", "loop"):
+        make_optimizer(model, implementation=implementation)
+    with pytest.raises(ValueError, match="auto, fused, foreach or loop"):
+        make_optimizer(model, implementation="turbo")

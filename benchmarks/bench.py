@@ -1,0 +1,396 @@
+"""Evaluation and training speed/memory: the library's fast paths vs a straightforward
+materialised implementation written out below, side by side in one run.
+
+    python benchmarks/bench.py            # full sizes (V1 width; tens of minutes on 2 cores)
+    python benchmarks/bench.py --quick    # tiny sizes, well under a minute (CI smoke run)
+
+Sections:
+  eval     one full-width V1 layer (D 2048, 8 heads, hidden 8192, vocab 264), batch 1,
+           seq 8192: forward + on-chain loss (1024 SIGReg slices). Wall time, peak RSS,
+           achieved GFLOP/s (causal attention counted at half its square) and its ratio
+           to a plain float32 matmul measured in the same run.
+  scaling  peak RSS and time against sequence length, both paths.
+  train    tokens/s of forward + backward + AdamW on a mid-size config.
+
+Every measurement runs in a fresh subprocess (this file with --child), so each variant's
+peak RSS (`ru_maxrss`) is its own. Both paths use the same weights, data and noise; the
+script checks that their losses agree (rtol 1e-4) before it reports any speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+# --- sizes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    dim: int
+    heads: int
+    hidden: int
+    layers: int
+    vocab: int
+    batch: int
+    seq: int
+    slices: int
+    path: str                    # "ours" or "straightforward"
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    dim: int
+    heads: int
+    hidden: int
+    layers: int
+    vocab: int
+    batch: int
+    seq: int
+    slices: int
+    steps: int
+    path: str
+
+
+FULL = {
+    "eval": {"dim": 2048, "heads": 8, "hidden": 8192, "layers": 1, "vocab": 264, "batch": 1,
+             "seq": 8192, "slices": 1024},
+    "scaling": [1024, 2048, 4096, 8192],
+    "train": {"dim": 512, "heads": 8, "hidden": 2048, "layers": 8, "vocab": 264, "batch": 8,
+              "seq": 1024, "slices": 1024, "steps": 3},
+    "matmul": 2048,
+}
+QUICK = {
+    "eval": {"dim": 128, "heads": 4, "hidden": 512, "layers": 1, "vocab": 264, "batch": 1,
+             "seq": 512, "slices": 64},
+    "scaling": [256, 512],
+    "train": {"dim": 64, "heads": 4, "hidden": 256, "layers": 2, "vocab": 264, "batch": 2,
+              "seq": 128, "slices": 64, "steps": 1},
+    "matmul": 512,
+}
+
+
+# --- the straightforward implementation (plain torch, everything materialised) -------
+
+
+def straightforward_encode(model, token_ids, pos_ids):
+    """The V1 forward written plainly: [B, H, S, S] scores with the -1e4 fill."""
+    import torch
+    import torch.nn.functional as F
+
+    config = model.config
+    hd = config.head_dim
+    x = model.embedding.weight[token_ids]
+    # RoPE angles: float32 position divided by max_wavelength ** (2i / hd).
+    frac = (2.0 * torch.arange(hd // 2, dtype=torch.float32)) / hd
+    timescale = torch.tensor(config.max_wavelength, dtype=torch.float32) ** frac
+    angle = pos_ids.float()[:, :, None] / timescale / config.scale_factor      # [B, S, hd/2]
+    cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]            # [B, 1, S, hd/2]
+    seq = token_ids.shape[1]
+    future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+
+    def heads(t):
+        return t.view(t.shape[0], seq, config.num_heads, hd).transpose(1, 2)   # [B, H, S, hd]
+
+    def rope(t):
+        a, b = t[..., : hd // 2], t[..., hd // 2 :]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+    for layer in model.encoder.layers:
+        att = layer.attention
+        h = F.layer_norm(x, (config.embedding_dim,), layer.norm_1.weight, layer.norm_1.bias, 1e-5)
+        q = rope(heads(F.linear(h, att.query.weight, att.query.bias)))
+        k = rope(heads(F.linear(h, att.key.weight, att.key.bias)))
+        v = heads(F.linear(h, att.value.weight, att.value.bias))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        weights = torch.softmax(scores.masked_fill(future, -1.0e4), dim=-1)
+        context = (weights @ v).transpose(1, 2).reshape(x.shape)
+        x = x + F.linear(context, att.output.weight, att.output.bias)
+        h = F.layer_norm(x, (config.embedding_dim,), layer.norm_2.weight, layer.norm_2.bias, 1e-5)
+        hidden = F.gelu(F.linear(h, layer.pwff.linear_inner.weight, layer.pwff.linear_inner.bias))
+        x = x + F.linear(hidden, layer.pwff.linear_outer.weight, layer.pwff.linear_outer.bias)
+    final = model.final_norm
+    return F.layer_norm(x, (config.embedding_dim,), final.weight, final.bias, 1e-5)
+
+
+def straightforward_sig_reg(reps, noise, t_max=3.0, points=17):
+    """SPEC §5 with the [B, S, slices, points] tensor materialised."""
+    import torch
+
+    dt = t_max / (points - 1)
+    t = torch.arange(points, dtype=torch.float32) * dt
+    phi = torch.exp(-t * t / 2)
+    trapezoid = torch.full((points,), 2 * dt)
+    trapezoid[0] = trapezoid[-1] = dt
+    weights = phi * trapezoid
+    directions = noise / noise.norm(dim=0, keepdim=True)
+    angle = (reps @ directions)[..., None] * t                      # [B, S, slices, points]
+    c, z = torch.cos(angle).mean(-2), torch.sin(angle).mean(-2)
+    return (noise.shape[1] * (((c - phi) ** 2 + z * z) * weights).sum(-1)).mean()
+
+
+def straightforward_loss(model, token_ids, targets, pos_ids, noise):
+    import torch.nn.functional as F
+
+    reps = straightforward_encode(model, token_ids, pos_ids)
+    logits = F.linear(reps, model.predictor.weight, model.predictor.bias)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=256, reduction="sum") / targets.numel()
+    return ce + 0.02 * straightforward_sig_reg(reps, noise)
+
+
+# --- children -----------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(case, torch):
+    from soma_models.v1.configs import ModelConfig
+    from soma_models.v1.torch.modules.model import Model
+
+    config = ModelConfig(embedding_dim=case.dim, pwff_hidden_dim=case.hidden,
+                         num_layers=case.layers, num_heads=case.heads, vocab_size=case.vocab)
+    torch.manual_seed(0)
+    model = Model(config)
+    generator = torch.Generator().manual_seed(1)
+    shape = (case.batch, case.seq)
+    token_ids = torch.randint(0, 256, shape, generator=generator)
+    targets = torch.randint(0, 256, shape, generator=generator)
+    pos_ids = torch.arange(case.seq).expand(shape)
+    noise = torch.randn(case.dim, case.slices, generator=generator)
+    return model, token_ids, targets, pos_ids, noise
+
+
+def eval_flops(case) -> float:
+    """Useful FLOPs of one forward + loss; causal attention at half its square."""
+    tokens = case.batch * case.seq
+    linears = 2 * tokens * (4 * case.dim**2 + 2 * case.dim * case.hidden) * case.layers
+    attention = 2 * case.batch * case.seq**2 * case.dim * case.layers     # (QK + PV) / 2
+    head = 2 * tokens * case.dim * (case.vocab + case.slices)
+    return float(linears + attention + head)
+
+
+def child_eval(case: EvalCase) -> dict:
+    import torch
+
+    from soma_models.v1.configs import SIGRegConfig
+    from soma_models.v1.torch.loss import compute_loss
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+
+    model, token_ids, targets, pos_ids, noise = build(case, torch)
+    model.eval()
+    sig_reg = SIGReg(SIGRegConfig(slices=case.slices))
+
+    def run():
+        if case.path == "ours":
+            return compute_loss(model, sig_reg, token_ids, targets, pos_ids, noise)[0]
+        return straightforward_loss(model, token_ids, targets, pos_ids, noise)
+
+    with torch.no_grad():
+        # Warm-up on a short prefix: thread pool, kernel dispatch, first-touch of weights.
+        warm = min(case.seq, 64)
+        if case.path == "ours":
+            compute_loss(model, sig_reg, token_ids[:, :warm], targets[:, :warm],
+                         pos_ids[:, :warm], noise)
+        else:
+            straightforward_loss(model, token_ids[:, :warm], targets[:, :warm],
+                                 pos_ids[:, :warm], noise)
+        baseline = current_rss_mb()
+        start = time.perf_counter()
+        loss = run()
+        seconds = time.perf_counter() - start
+    return {"loss": float(loss), "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+            "baseline_rss_mb": baseline, "gflops": eval_flops(case) / seconds / 1e9}
+
+
+def child_train(case: TrainCase) -> dict:
+    import torch
+
+    from soma_models.v1.configs import SIGRegConfig
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import make_optimizer, prepare_model, train_step
+
+    model, token_ids, targets, pos_ids, noise = build(case, torch)
+    model.train()
+    losses = []
+    if case.path == "ours":
+        prepare_model(model)
+        optimizer = make_optimizer(model, lr=1e-4)
+        sig_reg = SIGReg(SIGRegConfig(slices=case.slices))
+
+        def step() -> float:
+            return train_step(model, sig_reg, optimizer, (token_ids, targets, pos_ids),
+                              noise=noise).loss
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+        def step() -> float:
+            optimizer.zero_grad(set_to_none=True)
+            loss = straightforward_loss(model, token_ids, targets, pos_ids, noise)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+    losses.append(step())                                  # warm-up (first-touch, caches)
+    start = time.perf_counter()
+    for _ in range(case.steps):
+        losses.append(step())
+    seconds = time.perf_counter() - start
+    tokens = case.batch * case.seq * case.steps
+    return {"losses": losses, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def child_matmul(size: int) -> dict:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0 or repeats < 3:
+        a @ b
+        repeats += 1
+    seconds = (time.perf_counter() - start) / repeats
+    return {"gflops": 2 * size**3 / seconds / 1e9}
+
+
+def child_main(spec: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    kind = spec.pop("kind")
+    if kind == "eval":
+        result = child_eval(EvalCase(**spec))
+    elif kind == "train":
+        result = child_train(TrainCase(**spec))
+    else:
+        result = child_matmul(spec["size"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- parent -------------------------------------------------------------------------
+
+
+def run_child(spec: dict, threads: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec),
+               "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark child {spec} failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-3000:]}")
+
+
+def check_same_loss(ours: float, straight: float, what: str) -> None:
+    if not math.isclose(ours, straight, rel_tol=1e-4, abs_tol=1e-5):
+        raise SystemExit(f"{what}: losses differ (ours {ours}, straightforward {straight})")
+
+
+def section_eval(sizes: dict, threads: int, matmul: float) -> dict[int, dict]:
+    print("\n== eval: forward + on-chain loss ==")
+    e = sizes["eval"]
+    print(f"config: D {e['dim']}, heads {e['heads']}, hidden {e['hidden']}, layers "
+          f"{e['layers']}, vocab {e['vocab']}, batch {e['batch']}, seq {e['seq']}, "
+          f"slices {e['slices']}; {eval_flops(EvalCase(path='', **e)) / 1e9:.1f} GFLOP")
+    results = {path: run_child({"kind": "eval", **e, "path": path}, threads)
+               for path in ("ours", "straightforward")}
+    check_same_loss(results["ours"]["loss"], results["straightforward"]["loss"], "eval")
+    print(f"{'path':<16}{'wall s':>9}{'peak RSS MB':>13}{'(setup MB)':>12}{'GFLOP/s':>10}"
+          f"{'of matmul':>11}")
+    for path, r in results.items():
+        print(f"{path:<16}{r['seconds']:>9.2f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['baseline_rss_mb']:>12.0f}{r['gflops']:>10.1f}{r['gflops'] / matmul:>10.0%}")
+    ours, straight = results["ours"], results["straightforward"]
+    print(f"ours / straightforward: wall {ours['seconds'] / straight['seconds']:.2f}x, "
+          f"peak RSS {ours['peak_rss_mb'] / straight['peak_rss_mb']:.2f}x; "
+          f"loss {ours['loss']:.6f} vs {straight['loss']:.6f}")
+    return {e["seq"]: results}
+
+
+def section_scaling(sizes: dict, threads: int, known: dict[int, dict]) -> None:
+    print("\n== scaling: eval config against sequence length ==")
+    print(f"{'seq':>6}{'ours s':>9}{'ours MB':>9}{'(+setup)':>10}{'straight s':>12}"
+          f"{'straight MB':>13}{'(+setup)':>10}")
+    for seq in sizes["scaling"]:
+        results = known.get(seq) or {
+            path: run_child({"kind": "eval", **sizes["eval"], "seq": seq, "path": path}, threads)
+            for path in ("ours", "straightforward")}
+        check_same_loss(results["ours"]["loss"], results["straightforward"]["loss"],
+                        f"scaling seq {seq}")
+        o, s = results["ours"], results["straightforward"]
+        print(f"{seq:>6}{o['seconds']:>9.2f}{o['peak_rss_mb']:>9.0f}"
+              f"{o['peak_rss_mb'] - o['baseline_rss_mb']:>10.0f}{s['seconds']:>12.2f}"
+              f"{s['peak_rss_mb']:>13.0f}{s['peak_rss_mb'] - s['baseline_rss_mb']:>10.0f}")
+    print("(+setup) = peak RSS minus RSS after building the model and inputs")
+
+
+def section_train(sizes: dict, threads: int) -> None:
+    t = sizes["train"]
+    print("\n== train: forward + backward + AdamW ==")
+    print(f"config: D {t['dim']}, heads {t['heads']}, hidden {t['hidden']}, layers "
+          f"{t['layers']}, batch {t['batch']}, seq {t['seq']}, slices {t['slices']}; "
+          f"{t['steps']} timed steps after 1 warm-up")
+    results = {path: run_child({"kind": "train", **t, "path": path}, threads)
+               for path in ("ours", "straightforward")}
+    check_same_loss(results["ours"]["losses"][0], results["straightforward"]["losses"][0],
+                    "train (first step)")
+    print(f"{'path':<16}{'tokens/s':>10}{'s/step':>9}{'peak RSS MB':>13}")
+    for path, r in results.items():
+        print(f"{path:<16}{r['tokens_per_s']:>10.0f}{r['seconds'] / t['steps']:>9.2f}"
+              f"{r['peak_rss_mb']:>13.0f}")
+    ratio = results["ours"]["tokens_per_s"] / results["straightforward"]["tokens_per_s"]
+    print(f"ours / straightforward tokens/s: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: all cores)")
+    parser.add_argument("--sections", default="eval,scaling,train",
+                        help="comma-separated subset of eval,scaling,train")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child), args.threads)
+        return
+    sizes = QUICK if args.quick else FULL
+    sections = set(args.sections.split(","))
+    import torch
+
+    print(f"torch {torch.__version__}, {args.threads} threads, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}{', QUICK sizes' if args.quick else ''}")
+    matmul = run_child({"kind": "matmul", "size": sizes["matmul"]}, args.threads)["gflops"]
+    print(f"plain float32 matmul ({sizes['matmul']}^3): {matmul:.1f} GFLOP/s")
+    known: dict[int, dict] = {}
+    if "eval" in sections:
+        known = section_eval(sizes, args.threads, matmul)
+    if "scaling" in sections:
+        section_scaling(sizes, args.threads, known)
+    if "train" in sections:
+        section_train(sizes, args.threads)
+    if not args.quick:
+        matmul_end = run_child({"kind": "matmul", "size": sizes["matmul"]},
+                               args.threads)["gflops"]
+        print(f"\nplain float32 matmul again at the end: {matmul_end:.1f} GFLOP/s "
+              f"(a large change means the machine was busy)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""`benchmarks/bench.py --quick` runs to the end and prints its three sections.
+
+A smoke test only: no timing is asserted (CI machines vary); the script itself refuses
+to report when the fast and straightforward paths disagree on the loss.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def test_quick_benchmark_prints_every_section() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for heading in ("== eval:", "== scaling:", "== train:"):
+        assert heading in out, out
+    assert "plain float32 matmul" in out
+    assert "ours / straightforward: wall" in out
+    assert "ours / straightforward tokens/s" in out
+    # The scaling table has one row per quick sequence length.
+    rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert {"256", "512"} <= set(rows), out
