@@ -8,6 +8,7 @@ Set SOMA_MODELS_DEBUG=1 to get the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import mmap
@@ -347,7 +348,9 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; `command` (the chosen subcommand, if known) decides whether the
+    trainer's own arguments are loaded."""
     from soma_models.v1.configs import PRESETS, V1_BATCH_SIZE, V1_MAX_SEQ_LEN
 
     parser = argparse.ArgumentParser(
@@ -427,13 +430,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not check that the result is a safetensors file")
     p.set_defaults(func=cmd_decrypt)
 
-    try:
-        from soma_models.train.cli import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    _add_train(sub, command)
     return parser
+
+
+def _add_train(sub: argparse._SubParsersAction, command: str | None) -> None:
+    """`soma-models train`, from `soma_models.train` when it is installed.
+
+    The trainer imports its framework when imported, so it is only loaded when `train` is
+    the command; otherwise a light entry keeps it listed in `--help`.
+    """
+    if command == "train":
+        try:
+            from soma_models.train.cli import register
+        except ImportError:
+            return
+        register(sub)
+    elif importlib.util.find_spec("soma_models.train") is not None:
+        sub.add_parser("train", help="train a model (see: soma-models train --help)",
+                       add_help=False)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -447,7 +462,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -178,8 +178,6 @@ def decrypted_source(weights: object, key: object | None) -> object:
     if key is None:
         return weights
     if isinstance(weights, (str, os.PathLike)):
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
         return decrypt_file(weights, key)
     if isinstance(weights, (bytes, bytearray, memoryview)):
         return decrypt_weights(weights, key)
@@ -197,6 +195,9 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
     if loaded is not None and key is not None:
         raise TypeError("a decryption key applies to encrypted weights, not to a loaded model")
     framework = loaded or framework
+    if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
+        # Before importing a framework: that takes seconds, a typo should not.
+        raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
     source = decrypted_source(weights, key)
     sig_reg_config = sig_reg_config or SIGRegConfig()
     try:

@@ -1,0 +1,200 @@
+"""The `soma-models` command, end to end (subprocesses) and in-process for the error paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from soma_models.cli import main
+from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.scoring import compete, score
+from soma_models.v1.transit import commitment
+
+SUBCOMMANDS = ["score", "validate", "inspect", "init", "encrypt", "decrypt"]
+# Small contract sizes keep every score fast; the chain's are the defaults.
+SIZES = ["--max-seq-len", "64", "--batch-size", "4"]
+SMALL_SIZES = dict(max_seq_len=64, batch_size=4)
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "soma_models", *args],
+                            capture_output=True, text=True, timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("soma-models: error: ") and "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    for seed in (1, 2):
+        assert main(["init", str(folder / f"w{seed}.safetensors"), "--config", "tiny",
+                     "--seed", str(seed)]) == 0
+    (folder / "data.bin").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300,
+                                                                               dtype=np.uint8)))
+    return folder
+
+
+def test_help_on_every_subcommand(capsys):
+    assert "score" in run("--help").stdout
+    for command in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: soma-models " + command in capsys.readouterr().out
+
+
+def test_score_json_end_to_end(files):
+    w1, data = str(files / "w1.safetensors"), str(files / "data.bin")
+    result = run("score", w1, "--data", data, "--seed", "7", "--json", *SIZES)
+    doc = json.loads(result.stdout)
+    expected = score(w1, (files / "data.bin").read_bytes(), 7, **SMALL_SIZES)
+    np.testing.assert_allclose(doc["loss"], expected.loss, rtol=1e-6)
+    np.testing.assert_allclose(doc["embedding"], expected.embedding, rtol=1e-6, atol=1e-7)
+    assert set(doc) == {"weights", "loss", "embedding"}
+
+
+def test_competition_json(files, capsys):
+    paths = [str(files / "w1.safetensors"), str(files / "w2.safetensors")]
+    target = np.linspace(-1, 1, 64)
+    np.save(files / "target.npy", target)
+    assert main(["score", *paths, "--data", str(files / "data.bin"), "--seed", "3",
+                 "--target", str(files / "target.npy"), "--json", *SIZES]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    expected = compete(paths, (files / "data.bin").read_bytes(), 3, target, **SMALL_SIZES)
+    assert doc["competition"]["winner"] == expected.winner
+    assert doc["competition"]["winner_weights"] == paths[expected.winner]
+    np.testing.assert_allclose(doc["competition"]["losses"], expected.losses, rtol=1e-6)
+    np.testing.assert_allclose(doc["competition"]["distance"], expected.distance, rtol=1e-5)
+    assert [s["weights"] for s in doc["scores"]] == paths
+
+
+def test_user_errors_exit_non_zero_with_one_line(files, tmp_path):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    w1 = str(files / "w1.safetensors")
+    result = run("score", w1, "--data", str(empty), "--seed", "1", ok=False)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "empty")
+    result = run("score", str(tmp_path / "nope"), "--data", str(files / "data.bin"),
+                 "--seed", "1", ok=False)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "nope", "no such weights file")
+    result = run("score", w1, "--data", str(files / "data.bin"), "--seed", "-3", ok=False)
+    assert result.returncode == 2 and "u64" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_encrypt_then_score_with_key(files, tmp_path, capsys):
+    w1, encrypted = files / "w1.safetensors", tmp_path / "w1.enc"
+    assert main(["encrypt", str(w1), "-o", str(encrypted)]) == 0
+    out = capsys.readouterr().out
+    key = out.split("key")[1].split()[0]
+    assert f"commitment  {commitment(encrypted.read_bytes())}" in out
+    data = str(files / "data.bin")
+    assert main(["score", str(encrypted), "--data", data, "--seed", "5", "--key", key,
+                 "--json", *SIZES]) == 0
+    via_key = json.loads(capsys.readouterr().out)
+    plain = score(w1, (files / "data.bin").read_bytes(), 5, **SMALL_SIZES)
+    assert via_key["loss"] == plain.loss
+    # A wrong key: the decrypted bytes are not weights.
+    assert main(["score", str(encrypted), "--data", data, "--seed", "5",
+                 "--key", "ab" * 32]) == 1
+    assert_one_line_error(capsys.readouterr().err, "wrong decryption key")
+    # Round trip through decrypt; a wrong key is refused before anything is written.
+    out_path = tmp_path / "w1.dec"
+    assert main(["decrypt", str(encrypted), "-o", str(out_path), "--key", key]) == 0
+    assert out_path.read_bytes() == w1.read_bytes()
+    assert main(["decrypt", str(encrypted), "-o", str(tmp_path / "x"), "--key", "ab" * 32]) == 1
+    assert_one_line_error(capsys.readouterr().err, "wrong key")
+    assert not (tmp_path / "x").exists()
+    assert main(["decrypt", str(encrypted), "-o", str(tmp_path / "x"), "--key", "abc"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "64 hex")
+
+
+def test_text_output_with_range_and_inline_target(files, capsys):
+    paths = [str(files / "w1.safetensors"), str(files / "w2.safetensors")]
+    target = ",".join(["0.5"] * 64)
+    assert main(["score", *paths, "--data", str(files / "data.bin"), "--seed", "1",
+                 "--target", target, "--range", *SIZES]) == 0
+    out = capsys.readouterr().out
+    assert out.count("loss ") >= 2 and "winner" in out and "distance" in out
+    assert out.count("range ") == 2 and "batch orders" in out
+    assert main(["score", paths[0], "--data", str(files / "data.bin"), "--seed", "1",
+                 "--target", "1,2", *SIZES]) == 1
+    assert_one_line_error(capsys.readouterr().err, "target embedding has 2 values")
+    assert main(["score", *paths, "--data", str(files / "data.bin"), "--seed", "1",
+                 "--key", "none", *SIZES]) == 1
+    assert_one_line_error(capsys.readouterr().err, "1 --key for 2")
+
+
+def test_validate_and_inspect(files, tmp_path, capsys):
+    w1 = files / "w1.safetensors"
+    assert main(["validate", str(w1)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(w1.read_bytes()[:-64])
+    assert main(["validate", str(w1), str(bad), "--json"]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["ok"] for r in reports] == [True, False] and reports[1]["errors"]
+    assert main(["inspect", str(w1), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"] == ModelConfig(embedding_dim=64, pwff_hidden_dim=256, num_layers=2,
+                                         num_heads=4).to_dict()
+    assert info["commitment"] == commitment(w1.read_bytes())
+    assert info["file_bytes"] == w1.stat().st_size and info["parameters"] == 134_152
+    assert main(["inspect", str(bad)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "bad.safetensors")
+
+
+def test_init_presets_custom_sizes_and_refusals(tmp_path, capsys):
+    path = tmp_path / "custom.safetensors"
+    assert main(["init", str(path), "--config", "tiny", "--embedding-dim", "32",
+                 "--num-layers", "1", "--seed", "4"]) == 0
+    from soma_models.v1.torch.modules.model import Model
+
+    model = Model.load(path)
+    assert (model.config.embedding_dim, model.config.num_layers, model.config.num_heads) == \
+        (32, 1, 4)
+    # Initial distributions: N(0, 0.02) weights, residual projections scaled down, unit norms.
+    embedding = model.embedding.weight.detach().numpy()
+    assert abs(embedding.std() - 0.02) < 0.002 and abs(embedding.mean()) < 0.002
+    outer = model.encoder.layers[0].pwff.linear_outer.weight.detach().numpy()
+    assert abs(outer.std() - 0.02 / np.sqrt(2)) < 0.002
+    assert np.all(model.final_norm.weight.detach().numpy() == 1.0)
+    assert np.all(model.predictor.bias.detach().numpy() == 0.0)
+    # The same seed gives the same file; another seed another one.
+    again = tmp_path / "again.safetensors"
+    main(["init", str(again), "--config", "tiny", "--embedding-dim", "32", "--num-layers", "1",
+          "--seed", "4"])
+    assert again.read_bytes() == path.read_bytes()
+    capsys.readouterr()
+    assert main(["init", str(path), "--config", "tiny"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "already exists")
+    assert main(["init", str(path), "--config", "tiny", "--num-heads", "3"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "num_heads")
+    with pytest.raises(SystemExit) as exc:
+        main(["init", str(path), "--config", "huge"])
+    assert exc.value.code == 2
+
+
+def test_score_flax_framework(files, capsys):
+    pytest.importorskip("soma_models.v1.flax.evaluate")
+    w1, data = str(files / "w1.safetensors"), str(files / "data.bin")
+    assert main(["score", w1, "--data", data, "--seed", "2", "--framework", "flax",
+                 "--json", *SIZES]) == 0
+    flax_loss = json.loads(capsys.readouterr().out)["loss"]
+    expected = score(w1, (files / "data.bin").read_bytes(), 2, sig_reg_config=SIGRegConfig(),
+                     **SMALL_SIZES)
+    np.testing.assert_allclose(flax_loss, expected.loss, rtol=1e-5)
