@@ -17,6 +17,7 @@ batch-order range, competitions -- lives here once.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -214,8 +215,8 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
     except WeightsFormatError as exc:
         if key is None:
             raise
-        raise WeightsFormatError(describe_source(weights), [f"{p} (wrong decryption key?)"
-                                              for p in exc.problems]) from None
+        hinted = [f"{problem} (wrong decryption key?)" for problem in exc.problems]
+        raise WeightsFormatError(describe_source(weights), hinted) from None
 
 
 # --------------------------------------------------------------------------- driver
@@ -395,6 +396,8 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
         raise ValueError(f"got {len(keys)} keys for {len(weights_list)} weights; give one per "
                          "weights (None for unencrypted)")
     seed = check_seed(seed)
+    if isinstance(data, mmap.mmap):
+        data = memoryview(data)
     # Refuse bad data before paying for loading any weights.
     next(iter_batches(data, max_seq_len, batch_size))  # type: ignore[arg-type]
     noise = NoiseSource(seed)
