@@ -1,11 +1,14 @@
-"""The on-chain loss through the Flax model: semantics, SIGReg chunking, jit and grad."""
+"""The on-chain loss through the Flax model: semantics, noise, SIGReg chunking.
+
+Gradients are checked against PyTorch in tests/v1/test_cross_framework.py (nnx.grad and
+plain jax.grad) and training under nnx.jit in test_flax_example.py.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -40,12 +43,18 @@ def _log_softmax64(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+@nnx.jit
+def _loss_and_outputs(model: Model, sig_reg: SIGReg, token_ids, targets, pos_ids, noise):
+    loss, embedding = compute_loss(model, sig_reg, token_ids, targets, pos_ids, noise)
+    reps = model.encode(token_ids, pos_ids)
+    return loss, embedding, reps, model.predict(reps)
+
+
 def test_loss_is_ce_over_every_position_plus_sig_reg(model: Model, batch) -> None:
     noise = np.random.default_rng(1).standard_normal((16, 32)).astype(np.float32)
-    loss, embedding = nnx.jit(compute_loss)(model, SIGReg(SIG_CONFIG), batch.token_ids,
-                                            batch.targets, batch.pos_ids, noise)
-    reps = np.asarray(model.encode(batch.token_ids, batch.pos_ids))
-    logits = np.asarray(model.predict(jnp.asarray(reps)))
+    loss, embedding, reps, logits = _loss_and_outputs(model, SIGReg(SIG_CONFIG), batch.token_ids,
+                                                    batch.targets, batch.pos_ids, noise)
+    reps, logits = np.asarray(reps), np.asarray(logits)
     targets = batch.targets
     assert (targets == V1_PAD_TOKEN_ID).sum() > 10   # PAD targets: in the count, not the sum
     picked = np.take_along_axis(_log_softmax64(logits), targets[..., None], -1)[..., 0]
@@ -56,15 +65,14 @@ def test_loss_is_ce_over_every_position_plus_sig_reg(model: Model, batch) -> Non
 
 
 def test_noise_is_drawn_from_the_rngs(model: Model, batch) -> None:
-    def loss_with(sig_reg: SIGReg) -> float:
-        return float(compute_loss(model, sig_reg, batch.token_ids, batch.targets)[0])
-
+    loss_fn = nnx.jit(lambda model, sig_reg: compute_loss(model, sig_reg, batch.token_ids,
+                                                          batch.targets)[0])
     sig_reg = SIGReg(SIG_CONFIG, rngs=nnx.Rngs(3))
-    first, second = loss_with(sig_reg), loss_with(sig_reg)
-    assert first != second                        # the stream advances
-    assert loss_with(SIGReg(SIG_CONFIG, rngs=nnx.Rngs(3))) == first   # and is reproducible
+    first, second = float(loss_fn(model, sig_reg)), float(loss_fn(model, sig_reg))
+    assert first != second                        # the stream advances, also under jit
+    assert float(loss_fn(model, SIGReg(SIG_CONFIG, rngs=nnx.Rngs(3)))) == first  # reproducible
     with pytest.raises(ValueError, match="without rngs"):
-        loss_with(SIGReg(SIG_CONFIG))
+        SIGReg(SIG_CONFIG).statistic(jnp.zeros((2, 3, 16)))
 
 
 def test_bad_inputs_are_refused(model: Model, batch) -> None:
@@ -87,52 +95,15 @@ def test_sig_reg_chunks_match_one_pass() -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 10, 16)).astype(np.float32)
     noise = rng.standard_normal((16, 32)).astype(np.float32)
-    whole = sig_reg_statistic(x, noise, SIG_CONFIG)
-    chunked = sig_reg_statistic(x, noise, SIG_CONFIG, positions_per_chunk=7)   # 30 = 4 * 7 + 2
-    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
-    np.testing.assert_allclose(float(whole), sig_reg_reference(x, noise, SIG_CONFIG), rtol=1e-5)
-    grads = [jax.grad(lambda x, n=n: sig_reg_statistic(x, noise, SIG_CONFIG, n))(x)
-             for n in (4096, 7)]
-    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-5, atol=1e-7)
-
-
-def test_value_and_grad_under_jit_trains(batch) -> None:
-    model = Model(CONFIG, rngs=nnx.Rngs(0))
-    sig_reg = SIGReg(SIG_CONFIG, rngs=nnx.Rngs(1))
-    optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
-    noise = jax.random.normal(jax.random.key(2), (16, 32))
-
-    def loss_fn(model: Model) -> jax.Array:
-        return compute_loss(model, sig_reg, batch.token_ids, batch.targets, batch.pos_ids, noise)[0]
-
-    @nnx.jit
-    def step(model: Model, optimizer: nnx.Optimizer) -> jax.Array:
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(3)]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-
-
-def test_plain_jax_grad_matches_nnx(model: Model, batch) -> None:
-    """`jax.jit(jax.grad(...))` over the split parameter state gives nnx's gradients."""
-    noise = jax.random.normal(jax.random.key(2), (16, 32))
-    sig_reg = SIGReg(SIG_CONFIG)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
-    def pure_loss(params):
-        merged = nnx.merge(graphdef, params, rest)
-        return compute_loss(merged, sig_reg, batch.token_ids, batch.targets, None, noise)[0]
+    def values_and_grads(x):
+        # 30 positions: one pass, and 4 chunks of 7 plus a padded one.
+        return [jax.value_and_grad(lambda x, n=n: sig_reg_statistic(x, noise, SIG_CONFIG, n))(x)
+                for n in (4096, 7)]
 
-    pure = jax.grad(pure_loss)(params)
-    nnx_grads = nnx.grad(lambda m: compute_loss(m, sig_reg, batch.token_ids, batch.targets,
-                                                None, noise)[0])(model)
-    flat_pure = dict(nnx.to_flat_state(pure))
-    flat_nnx = dict(nnx.to_flat_state(nnx_grads))
-    assert flat_pure.keys() == flat_nnx.keys()
-    for path in flat_pure:
-        a, b = np.asarray(flat_pure[path][...]), np.asarray(flat_nnx[path][...])
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * max(1.0, np.abs(b).max()))
-    assert any(np.abs(np.asarray(v[...])).max() > 0 for v in flat_pure.values())
+    (whole, whole_grad), (chunked, chunked_grad) = values_and_grads(x)
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    np.testing.assert_allclose(float(whole), sig_reg_reference(x, noise, SIG_CONFIG), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked_grad), np.asarray(whole_grad), rtol=1e-5,
+                               atol=1e-7)

@@ -33,6 +33,11 @@ def model() -> Model:
     return Model(CONFIG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _forward(model: Model, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
 def _params(model: Model) -> dict:
     return nnx.to_flat_state(nnx.state(model, nnx.Param))
 
@@ -86,16 +91,18 @@ def test_loaded_model_computes_the_same(model: Model) -> None:
     loaded = Model.load_bytes(model.save_bytes())
     model.eval()
     loaded.eval()
-    np.testing.assert_array_equal(np.asarray(model(TOKENS)), np.asarray(loaded(TOKENS)))
+    np.testing.assert_array_equal(np.asarray(_forward(model, TOKENS)),
+                                  np.asarray(_forward(loaded, TOKENS)))
 
 
 def test_heads_come_from_metadata_or_the_explicit_config(tmp_path: Path) -> None:
     config = ModelConfig(embedding_dim=16, pwff_hidden_dim=8, num_layers=1, num_heads=2)
-    model = Model(config, rngs=nnx.Rngs(1))
-    model.save(tmp_path / "w.safetensors")
+    rng = np.random.default_rng(1)
+    arrays = {s.key: rng.standard_normal(s.shape).astype(np.float32) for s in param_specs(config)}
+    from_arrays(arrays, num_heads=2).save(tmp_path / "w.safetensors")
     assert Model.load(tmp_path / "w.safetensors").config == config
-    arrays = canonical_arrays(model)
     assert from_arrays(arrays, num_heads=2).config == config
+    assert from_arrays(arrays).config.num_heads == 8  # without metadata: V1's heads
     assert from_arrays(arrays, config).config == config
 
 
@@ -105,11 +112,8 @@ def test_dropout_model_loads_with_working_rngs(model: Model) -> None:
     loaded = Model.load_bytes(model.save_bytes(), config, rngs=nnx.Rngs(5))
     leaves = jax.tree.leaves(nnx.state(loaded))
     assert not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
-    training = [np.asarray(loaded(TOKENS)) for _ in range(2)]
-    assert not np.allclose(training[0], training[1])
-    loaded.eval()
-    model.eval()
-    np.testing.assert_array_equal(np.asarray(loaded(TOKENS)), np.asarray(model(TOKENS)))
+    training = [np.asarray(_forward(loaded, TOKENS)) for _ in range(2)]
+    assert np.all(np.isfinite(training)) and not np.allclose(training[0], training[1])
 
 
 def test_missing_misshaped_and_wrong_dtype_are_all_listed(model: Model, tmp_path: Path) -> None:

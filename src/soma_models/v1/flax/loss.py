@@ -35,8 +35,11 @@ def compute_loss(
 
     The cross-entropy is divided by *every* position of the batch, PAD targets
     included: PAD targets add nothing to the sum but count in the mean, as on chain.
-    Works under `nnx.jit` / `nnx.value_and_grad` (pass `model` and `sig_reg` as arguments)
-    and under `jax.jit` / `jax.grad` of a function that `nnx.merge`s the model.
+    Works under `nnx.jit` / `nnx.value_and_grad` and under `jax.jit` / `jax.grad` of a
+    function that `nnx.merge`s the model. When the noise comes from `sig_reg`'s rngs, pass
+    `sig_reg` into the transformed function as an argument (not a closure) so its rng
+    stream may advance: `nnx.value_and_grad(lambda m, s: compute_loss(m, s, ...)[0])(model,
+    sig_reg)` differentiates with respect to `model` only.
     """
     model.config.require_contract_vocab()
     token_ids, targets = jnp.asarray(token_ids), jnp.asarray(targets)
