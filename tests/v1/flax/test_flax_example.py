@@ -23,7 +23,7 @@ def test_train_steps_lower_the_loss() -> None:
     example = _load_example()
     corpus = example.source_corpus()
     assert len(corpus) > 10_000          # the package's own sources, read at run time
-    config = ModelConfig(embedding_dim=16, pwff_hidden_dim=32, num_layers=2, num_heads=4)
+    config = ModelConfig(embedding_dim=16, pwff_hidden_dim=32, num_layers=1, num_heads=4)
     losses = example.train(config, steps=8, seq_len=32, batch_size=4, data=corpus,
                            sig_reg_config=SIGRegConfig(slices=32), log=False)
     assert len(losses) == 8 and np.all(np.isfinite(losses))

@@ -88,7 +88,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout_rate: flo
     """
     seq = q.shape[-2]
     scores = jnp.einsum("...qd,...kd->...qk", q, k, precision=HIGHEST) / math.sqrt(q.shape[-1])
-    future = jnp.triu(jnp.ones((seq, seq), dtype=bool), k=1)
+    # A NumPy constant: jnp.triu costs XLA's CPU compiler seconds for nothing.
+    future = np.triu(np.ones((seq, seq), dtype=bool), k=1)
     scores = jnp.where(future, jnp.float32(V1_MASK_FILL_VALUE), scores)
     weights = _dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
     return jnp.einsum("...qk,...kd->...qd", weights, v, precision=HIGHEST)

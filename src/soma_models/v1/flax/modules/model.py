@@ -23,10 +23,12 @@ def default_pos_ids(token_ids: jax.Array) -> jax.Array:
 
 
 def _check_token_range(token_ids: jax.Array, vocab_size: int) -> None:
-    """Out-of-range ids would silently read NaN rows under JAX; refuse them when we can see them."""
+    """Out-of-range ids would silently read NaN rows under JAX; refuse them when we can see
+    them (concrete values: eager calls, or constants closed over by a traced function)."""
     if isinstance(token_ids, jax.core.Tracer) or token_ids.size == 0:
         return
-    low, high = int(token_ids.min()), int(token_ids.max())
+    host = np.asarray(token_ids)  # a host-side check: no JAX op, so nothing gets traced
+    low, high = int(host.min()), int(host.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}), found values in "
                          f"[{low}, {high}]")
