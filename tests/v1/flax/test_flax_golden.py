@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tests.golden import build, case_id, cases, expected, params, tolerance
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.flax.modules.attention import MultiHeadAttention, apply_rope
@@ -20,7 +21,6 @@ from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.flax.modules.sig_reg import SIGReg
 from soma_models.v1.flax.serde import from_arrays
 from soma_models.v1.schema import param_specs
-from tests.golden import build, case_id, cases, expected, params, tolerance
 
 TIGHT_RTOL = {"encoder": 1e-4, "model_encode": 1e-4, "model_predict": 1e-4}
 
