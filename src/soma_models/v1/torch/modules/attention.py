@@ -24,6 +24,7 @@ use this, both memory-linear in the sequence length:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,6 +53,16 @@ LOGSUMEXP_EXACT_BOUND = 100.0
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+@torch.compiler.disable
+@functools.lru_cache(maxsize=32)
+def _timescale_tensor(head_dim: int, max_wavelength: float, device: torch.device) -> torch.Tensor:
+    """The correctly rounded float32 timescales as a tensor, built once per device.
+
+    Kept out of `torch.compile` graphs: the NumPy construction cannot be traced.
+    """
+    return torch.from_numpy(rope_timescales(head_dim, max_wavelength).copy()).to(device)
+
+
 def apply_rope(x: torch.Tensor, pos_ids: torch.Tensor, max_wavelength: float,
                scale_factor: float = 1.0) -> torch.Tensor:
     """Rotate `x` `[B, S, H, hd]` by positions `pos_ids` `[B, S]` (half-split RoPE).
@@ -62,7 +73,7 @@ def apply_rope(x: torch.Tensor, pos_ids: torch.Tensor, max_wavelength: float,
     if scale_factor < 1.0:
         raise ValueError(f"scale_factor must be >= 1.0, got {scale_factor}")
     head_dim = x.shape[-1]
-    timescale = torch.from_numpy(rope_timescales(head_dim, max_wavelength).copy()).to(x.device)
+    timescale = _timescale_tensor(head_dim, float(max_wavelength), x.device)
     # A division by the timescale, not a product with an inverse frequency: they round
     # differently, and at large positions sin/cos amplify the difference.
     angle = (pos_ids.to(torch.float32)[:, :, None] / timescale) / scale_factor  # [B, S, hd/2]
