@@ -12,7 +12,13 @@ from soma_models.safetensors_io import to_bytes
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import file_metadata, param_specs
 from soma_models.v1.transit import encrypt_weights
-from soma_models.v1.validation import Report, count_non_finite, validate
+from soma_models.v1.validation import (
+    Report,
+    array_chunks,
+    count_non_finite,
+    file_chunks,
+    validate,
+)
 
 CONFIG = ModelConfig(embedding_dim=8, num_heads=2, num_layers=1, pwff_hidden_dim=16)
 
@@ -122,12 +128,17 @@ def test_nan_and_inf_values_are_found(tmp_path):
     assert "embedding.weight: 1 NaN/Inf value(s), first at index [200, 2]" in report.errors
 
 
-def test_chunked_scan_counts_across_chunks():
+def test_chunked_scan_counts_across_chunks(tmp_path):
     values = np.zeros(1000, dtype=np.float32)
     values[[7, 500, 999]] = [np.nan, np.inf, -np.inf]
+    path = tmp_path / "values"
+    path.write_bytes(b"head" + values.tobytes())
     for chunk in (1, 3, 64, 10_000):
-        assert count_non_finite(values.reshape(10, 100), chunk_values=chunk) == (3, 7)
-    assert count_non_finite(np.ones(5, np.float32)) == (0, -1)
+        assert count_non_finite(array_chunks(values.reshape(10, 100), chunk)) == (3, 7)
+        with open(path, "rb") as fh:
+            chunks = file_chunks(fh, 4, 1000, np.dtype("<f4"), chunk)
+            assert count_non_finite(chunks) == (3, 7)
+    assert count_non_finite(array_chunks(np.ones(5, np.float32))) == (0, -1)
 
 
 def test_explicit_config_that_does_not_match(tmp_path):

@@ -10,7 +10,9 @@ a chunk at a time, so a full-size V1 file (6.4 GB) is never copied in memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -18,7 +20,6 @@ from soma_models.errors import WeightsError, WeightsFormatError
 from soma_models.safetensors_io import DTYPES, SafetensorsFile, describe_source
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
-    CANONICAL_DTYPE,
     check_tensors,
     expected_shapes,
     heads_from_metadata,
@@ -58,16 +59,39 @@ class Report:
         return "\n".join(lines)
 
 
-def count_non_finite(array: np.ndarray, chunk_values: int = SCAN_CHUNK_VALUES) -> tuple[int, int]:
-    """(number of NaN/Inf values, flat index of the first one or -1), scanned chunk by chunk."""
+def array_chunks(array: np.ndarray, chunk_values: int = SCAN_CHUNK_VALUES) -> Iterator[np.ndarray]:
+    """Flat views of an in-memory array, `chunk_values` values at a time."""
     flat = array.reshape(-1)
-    count, first = 0, -1
     for start in range(0, flat.size, chunk_values):
-        bad = ~np.isfinite(flat[start:start + chunk_values])
+        yield flat[start:start + chunk_values]
+
+
+def file_chunks(fh: BinaryIO, offset: int, count: int, dtype: np.dtype,
+                chunk_values: int = SCAN_CHUNK_VALUES) -> Iterator[np.ndarray]:
+    """`count` values of `dtype` read from `fh` at `offset`, into one reused buffer.
+
+    Reading (rather than touching a memory map) keeps the scan's resident memory at one
+    chunk: the file's pages stay in the page cache, not in the process.
+    """
+    buffer = np.empty(min(count, chunk_values), dtype=dtype)
+    fh.seek(offset)
+    for start in range(0, count, chunk_values):
+        view = buffer[:min(chunk_values, count - start)]
+        if fh.readinto(memoryview(view).cast("B")) != view.nbytes:
+            raise OSError("file shorter than its header says")
+        yield view
+
+
+def count_non_finite(chunks: Iterable[np.ndarray]) -> tuple[int, int]:
+    """(number of NaN/Inf values, flat index of the first one or -1) over consecutive chunks."""
+    count, first, seen = 0, -1, 0
+    for chunk in chunks:
+        bad = ~np.isfinite(chunk)
         n = int(np.count_nonzero(bad))
         if n and first < 0:
-            first = start + int(np.argmax(bad))
+            first = seen + int(np.argmax(bad))
         count += n
+        seen += chunk.size
     return count, first
 
 
@@ -115,17 +139,28 @@ def validate(weights: str | os.PathLike | bytes | bytearray | memoryview,
         config.require_contract_vocab()
     except ValueError as exc:
         report.errors.append(str(exc))
-    # Scan the values of every expected tensor whose header entry is sound.
-    shapes = expected_shapes(config)
-    for key_name, shape in shapes.items():
-        info = weights_file.tensors.get(key_name)
-        if info is None or info.shape != shape or info.dtype not in DTYPES:
-            continue
-        if info.dtype != CANONICAL_DTYPE and not np.issubdtype(DTYPES[info.dtype], np.floating):
-            continue
-        count, first = count_non_finite(weights_file.array(key_name))
-        if count:
-            index = np.unravel_index(first, shape) if shape else ()
-            report.errors.append(f"{key_name}: {count} NaN/Inf value(s), first at index "
-                                 f"{list(map(int, index))}")
+    # Scan the values of every expected tensor whose header entry is sound: from the file
+    # itself for a path, from the (decrypted) buffer otherwise.
+    from_file = open(source, "rb") if isinstance(source, (str, os.PathLike)) else None
+    try:
+        for key_name, shape in expected_shapes(config).items():
+            info = weights_file.tensors.get(key_name)
+            if info is None or info.shape != shape or info.dtype not in DTYPES:
+                continue
+            dtype = DTYPES[info.dtype]
+            if not np.issubdtype(dtype, np.floating):
+                continue
+            if from_file is not None:
+                chunks = file_chunks(from_file, weights_file.header.data_start + info.begin,
+                                     (info.end - info.begin) // dtype.itemsize, dtype)
+            else:
+                chunks = array_chunks(weights_file.array(key_name))
+            count, first = count_non_finite(chunks)
+            if count:
+                index = np.unravel_index(first, shape) if shape else ()
+                report.errors.append(f"{key_name}: {count} NaN/Inf value(s), first at index "
+                                     f"{list(map(int, index))}")
+    finally:
+        if from_file is not None:
+            from_file.close()
     return report
