@@ -3,8 +3,8 @@
 For unit directions A (noise columns normalised), p = x @ A is compared, per position,
 with N(0, 1) through its empirical characteristic function over the slices. We never
 build the `[positions, slices, points]` tensor: positions are processed in chunks
-(`lax.map`), and each quadrature point in turn; each chunk is rematerialised in the
-backward pass, so saved activations stay `[chunk, slices]`-sized.
+(`lax.map`), and each quadrature point in turn (`lax.scan`); chunks and points are
+rematerialised in the backward pass, so memory stays a few `[chunk, slices]` buffers.
 """
 
 from __future__ import annotations
@@ -21,16 +21,28 @@ from soma_models.v1.noise import quadrature
 POSITIONS_PER_CHUNK = 4096
 
 
+def _point_term(p: jax.Array, t_j: jax.Array, phi_j: jax.Array, w_j: jax.Array) -> jax.Array:
+    """w_j ((c_j - phi_j)^2 + z_j^2) per position, c_j / z_j = mean over slices of cos / sin."""
+    pt = p * t_j
+    c = jnp.cos(pt).mean(axis=-1)
+    z = jnp.sin(pt).mean(axis=-1)
+    return w_j * ((c - phi_j) ** 2 + z * z)
+
+
 def _chunk_sum(x: jax.Array, valid: jax.Array, directions: jax.Array, t: jax.Array,
                phi: jax.Array, weights: jax.Array) -> jax.Array:
-    """Σ over the chunk's valid positions of slices * Σ_j w_j ((c_j - phi_j)^2 + z_j^2)."""
+    """Σ over the chunk's valid positions of slices * Σ_j w_j ((c_j - phi_j)^2 + z_j^2).
+
+    The points are a `lax.scan` whose step is rematerialised: the backward pass keeps
+    `p` and recomputes one point's cos/sin at a time, instead of holding all of them.
+    """
     p = jnp.matmul(x, directions, precision=HIGHEST)                 # [P, slices]
-    total = jnp.zeros(p.shape[0], dtype=p.dtype)
-    for j in range(t.shape[0]):
-        pt = p * t[j]
-        c = jnp.cos(pt).mean(axis=-1)
-        z = jnp.sin(pt).mean(axis=-1)
-        total = total + weights[j] * ((c - phi[j]) ** 2 + z * z)
+    term = jax.checkpoint(_point_term)
+
+    def add_point(total: jax.Array, point: tuple[jax.Array, ...]):
+        return total + term(p, *point), None
+
+    total, _ = jax.lax.scan(add_point, jnp.zeros(p.shape[0], dtype=p.dtype), (t, phi, weights))
     return jnp.where(valid, p.shape[-1] * total, 0.0).sum()
 
 
