@@ -17,12 +17,12 @@ from soma_models.v1.transit import commitment
 SUBCOMMANDS = ["score", "validate", "inspect", "init", "encrypt", "decrypt"]
 # Small contract sizes keep every score fast; the chain's are the defaults.
 SIZES = ["--max-seq-len", "64", "--batch-size", "4"]
-SMALL_SIZES = dict(max_seq_len=64, batch_size=4)
+SMALL_SIZES = {"max_seq_len": 64, "batch_size": 4}
 
 
 def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "soma_models", *args],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, check=False)
     if ok:
         assert result.returncode == 0, result.stderr
     return result
@@ -189,6 +189,7 @@ def test_init_presets_custom_sizes_and_refusals(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow  # compiles the Flax model (~15 s); torch vs Flax scores are checked elsewhere
 def test_score_flax_framework(files, capsys):
     pytest.importorskip("soma_models.v1.flax.evaluate")
     w1, data = str(files / "w1.safetensors"), str(files / "data.bin")

@@ -6,9 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
+from tests.v1 import numpy_reference as ref
 
 from soma_models.v1 import batch_order
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.schema import param_specs
 from soma_models.v1.scoring import (
     Competition,
     Score,
@@ -21,8 +23,6 @@ from soma_models.v1.scoring import (
     score,
     validate,
 )
-from soma_models.v1.schema import param_specs
-from tests.v1 import numpy_reference as ref
 
 RTOL, ATOL = 1e-5, 1e-5
 SLICES = 48
@@ -101,7 +101,7 @@ def test_cross_entropy_denominator_counts_pad_targets():
     data = data_of(9)  # 9 data bytes in a 32-position chunk: most targets are PAD
     got = score(weights, data, 1, model_config=SMALL, sig_reg_config=SIG_REG, max_seq_len=32,
                 batch_size=2)
-    common = dict(slices=SLICES)
+    common = {"slices": SLICES}
     right, _ = ref.reference_score(weights, data, 1, sizes_of(SMALL), 32, 2, **common)
     wrong, _ = ref.reference_score(weights, data, 1, sizes_of(SMALL), 32, 2,
                                    denominator="non_pad", **common)
@@ -116,7 +116,7 @@ def test_batches_weigh_the_same_whatever_their_size():
     data = data_of(16 * 4 + 3, seed=2)  # batch 0: 4 rows, batch 1: 1 short row
     got = score(weights, data, 4, model_config=SMALL, sig_reg_config=SIG_REG, max_seq_len=16,
                 batch_size=4)
-    common = dict(slices=SLICES)
+    common = {"slices": SLICES}
     right = ref.reference_score(weights, data, 4, sizes_of(SMALL), 16, 4, **common)
     wrong = ref.reference_score(weights, data, 4, sizes_of(SMALL), 16, 4,
                                 weighting="position", **common)
@@ -146,7 +146,7 @@ def test_weights_given_every_way_score_the_same(tmp_path):
 
     weights = random_weights(SMALL, seed=8)
     data = data_of(40)
-    kwargs = dict(sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 2}
     expected = score(weights, data, 9, model_config=SMALL, **kwargs)
     model = Model.load_bytes(_bytes_of(weights, SMALL))
     path = tmp_path / "w.safetensors"
@@ -180,7 +180,7 @@ def test_dropout_is_off_when_scoring():
                              ModelConfig(**{**SMALL.to_dict(), "dropout_rate": 0.5}))
     model.train()
     data = data_of(30)
-    kwargs = dict(sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 2}
     assert score(model, data, 1, **kwargs).loss == score(weights, data, 1, model_config=SMALL,
                                                           **kwargs).loss
 
@@ -188,7 +188,7 @@ def test_dropout_is_off_when_scoring():
 def test_inferred_config_equals_explicit():
     weights = random_weights(DEEPER, seed=10)
     data = data_of(20)
-    kwargs = dict(sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 2}
     inferred = score(_bytes_of(weights, DEEPER), data, 2, **kwargs)
     explicit = score(weights, data, 2, model_config=DEEPER, **kwargs)
     assert inferred.loss == explicit.loss
@@ -218,8 +218,10 @@ def test_torch_and_flax_score_the_same():
     from soma_models.v1.flax.modules.model import Model as FlaxModel
 
     weights = random_weights(DEEPER, seed=12)
-    data = data_of(16 * 2 * 2 + 5, seed=3)
-    kwargs = dict(sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2, batch_order_range=True)
+    data = data_of(16 * 3 + 5, seed=3)
+    # One-row batches: a single shape to compile; 4 batches give the range something to do.
+    kwargs = {"sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 1,
+              "batch_order_range": True}
     loaded = score(FlaxModel.load_bytes(_bytes_of(weights, DEEPER)), data, 5, **kwargs)
     kwargs["model_config"] = DEEPER
     torch_score = score(weights, data, 5, framework="torch", **kwargs)
@@ -313,7 +315,7 @@ def test_range_refuses_too_many_batches(monkeypatch):
 
 def test_compete_winner_distance_and_losses():
     data = data_of(50, seed=5)
-    kwargs = dict(model_config=SMALL, sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"model_config": SMALL, "sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 2}
     candidates = [random_weights(SMALL, seed=s) for s in (20, 21, 22)]
     singles = [score(w, data, 3, **kwargs) for w in candidates]
     target = np.random.default_rng(0).standard_normal(SMALL.embedding_dim)
@@ -332,7 +334,7 @@ def test_compete_winner_distance_and_losses():
 def test_compete_tie_goes_to_the_first_and_zero_target_gives_nan():
     weights = random_weights(SMALL, seed=30)
     data = data_of(20)
-    kwargs = dict(sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"sig_reg_config": SIG_REG, "max_seq_len": 16, "batch_size": 2}
     result = compete([weights, dict(weights)], data, 1, np.zeros(SMALL.embedding_dim), **kwargs)
     assert result.losses[0] == result.losses[1] and result.winner == 0
     assert np.isnan(result.distance)

@@ -271,7 +271,8 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
     config = backend.config
     config.require_contract_vocab()
     sig_reg_config = sig_reg_config or SIGRegConfig()
-    batches: Iterator[ArrayBatch] = iter_batches(data, max_seq_len, batch_size)  # type: ignore[arg-type]
+    batches: Iterator[ArrayBatch] = iter_batches(
+        data, max_seq_len, batch_size)  # type: ignore[arg-type]
     n_batches = num_batches(_data_length(data), max_seq_len, batch_size)
     if batch_order_range and n_batches > MAX_RANGE_BATCHES:
         raise ValueError(f"batch-order range needs ~3n^2/4 SIGReg evaluations; refusing "

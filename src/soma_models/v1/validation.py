@@ -9,6 +9,7 @@ a chunk at a time, so a full-size V1 file (6.4 GB) is never copied in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ def validate(weights: str | os.PathLike | bytes | bytearray | memoryview,
         report.errors.append(str(exc))
     # Scan the values of every expected tensor whose header entry is sound: from the file
     # itself for a path, from the (decrypted) buffer otherwise.
-    from_file = open(source, "rb") if isinstance(source, (str, os.PathLike)) else None
-    try:
+    with contextlib.ExitStack() as stack:
+        from_file = (stack.enter_context(open(source, "rb"))
+                     if isinstance(source, (str, os.PathLike)) else None)
         for key_name, shape in expected_shapes(config).items():
             info = weights_file.tensors.get(key_name)
             if info is None or info.shape != shape or info.dtype not in DTYPES:
@@ -160,7 +162,4 @@ def validate(weights: str | os.PathLike | bytes | bytearray | memoryview,
                 index = np.unravel_index(first, shape) if shape else ()
                 report.errors.append(f"{key_name}: {count} NaN/Inf value(s), first at index "
                                      f"{list(map(int, index))}")
-    finally:
-        if from_file is not None:
-            from_file.close()
     return report
