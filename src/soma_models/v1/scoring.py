@@ -44,7 +44,7 @@ from soma_models.v1.noise import check_seed, scoring_noise
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches, num_batches
 from soma_models.v1.transit import (
     commitment,
-    decrypt_file,
+    decrypt_source,
     decrypt_weights,
     encrypt_weights,
 )
@@ -174,18 +174,6 @@ def model_framework(weights: object) -> str | None:
     return None
 
 
-def decrypted_source(weights: object, key: object | None) -> object:
-    """Apply a transit key to a path or bytes; other weights must come without a key."""
-    if key is None:
-        return weights
-    if isinstance(weights, (str, os.PathLike)):
-        return decrypt_file(weights, key)
-    if isinstance(weights, (bytes, bytearray, memoryview)):
-        return decrypt_weights(weights, key)
-    raise TypeError("a decryption key applies to encrypted weights given as a path or bytes, "
-                    f"not to {type(weights).__name__}")
-
-
 def load_backend(weights: object, *, model_config: ModelConfig | None = None,
                  sig_reg_config: SIGRegConfig | None = None, framework: str = "torch",
                  device: object = None, key: object | None = None) -> ScoringBackend:
@@ -199,7 +187,7 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
     if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
         # Before importing a framework: that takes seconds, a typo should not.
         raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
-    source = decrypted_source(weights, key)
+    source = decrypt_source(weights, key)
     sig_reg_config = sig_reg_config or SIGRegConfig()
     try:
         if framework == "torch":

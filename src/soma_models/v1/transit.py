@@ -105,6 +105,23 @@ def decrypt_file(path: str | os.PathLike, key: KeyLike,
     return out
 
 
+def decrypt_source(source: object, key: KeyLike | None) -> object:
+    """Weights given as a path or bytes, decrypted with `key` (unchanged when `key` is None).
+
+    Anything else (arrays, a loaded model) cannot be encrypted and is refused with a key.
+    """
+    if key is None:
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{os.fspath(source)}: no such weights file")
+        return decrypt_file(source, key)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decrypt_weights(source, key)
+    raise TypeError("a decryption key applies to encrypted weights given as a path or bytes, "
+                    f"not to {type(source).__name__}")
+
+
 def commitment(data: BytesLike | Iterable[BytesLike]) -> str:
     """64-hex Blake2b (digest size 32) of `data`, or of the concatenation of its pieces."""
     digest = hashlib.blake2b(digest_size=32)

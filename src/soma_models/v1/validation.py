@@ -26,7 +26,7 @@ from soma_models.v1.schema import (
     heads_from_metadata,
     infer_config,
 )
-from soma_models.v1.transit import KeyLike, decrypt_file, decrypt_weights
+from soma_models.v1.transit import KeyLike, decrypt_source
 
 # Values checked per step of the NaN/Inf scan (16 M float32 = 64 MB of temporaries).
 SCAN_CHUNK_VALUES = 1 << 24
@@ -106,14 +106,7 @@ def validate(weights: str | os.PathLike | bytes | bytearray | memoryview,
     name = describe_source(weights)
     report = Report(name)
     try:
-        source: object = weights
-        if key is not None:
-            if isinstance(weights, (str, os.PathLike)):
-                if not os.path.exists(weights):
-                    raise FileNotFoundError(f"{name}: no such weights file")
-                source = decrypt_file(weights, key)
-            else:
-                source = decrypt_weights(weights, key)
+        source = decrypt_source(weights, key)
         weights_file = SafetensorsFile(source, strict=False)  # type: ignore[arg-type]
     except WeightsFormatError as exc:
         hint = " (wrong decryption key?)" if key is not None else ""
