@@ -63,3 +63,27 @@ def test_two_processes_match_one(reference, parallel, tmp_path):
     for key in single:
         np.testing.assert_allclose(multi[key], single[key], rtol=0, atol=1e-5, err_msg=key)
     assert (out / "checkpoints" / "latest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resumed_two_process_run_matches_one(reference, parallel, tmp_path):
+    """Interrupt a 2-process run after step 2 and resume it: same weights as one process."""
+    cfg, single = reference
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, extra in ((first, ["--checkpoint-every", "2", "--keep-checkpoints", "3"]),
+                       (second, ["--resume"])):
+        if out is second:
+            shutil.copytree(first / "checkpoints" / "step_00000002",
+                            second / "checkpoints" / "step_00000002")
+        args = _cli_args(cfg)
+        args[args.index("--out") + 1] = str(out)
+        command = [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m",
+                   "soma_models.train", *args, *extra, "--parallel", parallel]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _weights(second / "model.safetensors")
+    for key in single:
+        np.testing.assert_allclose(resumed[key], single[key], rtol=0, atol=1e-5, err_msg=key)

@@ -51,8 +51,10 @@ def _heldout(cfg):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path):
     # Dropout on, so that the RNG handling is exercised; accumulation 2, shuffling on.
+    # The last 3 steps use 64-byte sequences (curriculum), so the resumed part crosses
+    # the switch.
     common = dict(steps=8, checkpoint_every=4, keep_checkpoints=3, dropout=0.1,
-                  micro_batch_size=2, eval_every=4)
+                  micro_batch_size=2, eval_every=4, final_seq_len=64, final_steps=3)
     full = train(small_config(corpus, tmp_path / "full", **common))
     # "Interrupted" run: a fresh out dir holding only the step-4 checkpoint.
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000004",
@@ -64,8 +66,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    steps = [r["step"] for r in read_metrics(resumed.metrics) if r["kind"] == "train"]
-    assert steps == [5, 6, 7, 8]
+    records = [r for r in read_metrics(resumed.metrics) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [5, 6, 7, 8]
+    assert [r["seq_len"] for r in records] == [32, 64, 64, 64]
+    assert records[-1]["tokens"] == 8 * 4 * 32  # the curriculum keeps tokens per step
 
 
 def test_gradient_accumulation_matches_one_large_batch(corpus, tmp_path):

@@ -38,11 +38,20 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike,
     if train:
         ax.plot([r["tokens"] for r in train], [r["train_ce"] for r in train],
                 color="tab:blue", alpha=0.8, lw=1.2, label="train cross-entropy")
-    if evals:
+    lengths = sorted({k for r in evals for k in r if k.startswith("val_ce_at_")},
+                     key=lambda k: int(k[len("val_ce_at_"):]))
+    if lengths:  # a sequence-length curriculum: one held-out curve per length
+        for key, colour in zip(lengths, ("tab:orange", "tab:red", "tab:purple", "tab:brown")):
+            points = [r for r in evals if key in r]
+            ax.plot([r["tokens"] for r in points], [r[key] for r in points], "o-",
+                    color=colour, lw=1.8,
+                    label=f"held-out cross-entropy, {key[len('val_ce_at_'):]}-byte sequences")
+    elif evals:
         ax.plot([r["tokens"] for r in evals], [r["val_ce"] for r in evals], "o-",
                 color="tab:orange", lw=1.8, label="held-out cross-entropy")
+    if evals:
         scored = [r for r in evals if r.get("score") is not None]
-        if scored:
+        if scored:  # (mean over every position, PAD included, plus 0.02 SIGReg)
             ax.plot([r["tokens"] for r in scored], [r["score"] for r in scored], "s--",
                     color="tab:green", lw=1.2, label="exact on-chain score (CE + SIGReg)")
     ax.set_xlabel("training tokens")

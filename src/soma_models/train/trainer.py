@@ -17,6 +17,12 @@ Hence
 
 Global batch = `micro_batch_size * accumulation * world_size` chunks. Global micro-batch
 `m` of a step goes to rank `m % world_size`.
+
+Sequence-length curriculum. The chain scores 8192-byte sequences; a small model trained
+only on short ones attends poorly over long contexts. `final_seq_len` / `final_steps`
+make the last `final_steps` steps use `final_seq_len`-long chunks, with the batch cut
+to keep the tokens per step (`batch_size * seq_len / final_seq_len` sequences, one per
+micro-batch). Short steps are cheap and learn fast; the final ones teach long contexts.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class TrainConfig:
     init_from: str | None = None         # start from these weights instead of from scratch
     # --- data ---
     seq_len: int = 512
+    final_seq_len: int | None = None     # curriculum: the last `final_steps` use this length
+    final_steps: int = 0
     val_fraction: float = 0.1
     split: str = "bytes"
     shuffle: bool = True
@@ -101,6 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     sig_reg_coefficient: float = V1_SIG_REG_COEFFICIENT
     sig_reg_slices: int = V1_SIG_REG_SLICES
+    sig_reg_positions: int | None = None  # SIGReg on a random subset of positions (unbiased)
     bf16: bool = False
     seed: int = 0
     # --- watching and saving ---
@@ -118,6 +127,7 @@ class TrainConfig:
     plot: bool = True
     # --- hardware ---
     device: str | None = None
+    threads: int | None = None           # torch CPU threads (None: torch's default)
     parallel: str | None = None          # None/"ddp" or "fsdp" (under torchrun)
 
     def model_config(self) -> ModelConfig:
@@ -141,6 +151,18 @@ class TrainResult:
     score_seq_len: int
     tokens_per_second: float
     seconds: float
+
+
+@dataclass
+class Phase:
+    """Sequence length and batch layout of a run's steps (one, or two with a curriculum)."""
+
+    seq_len: int
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    table: ChunkTable
+    stream: ChunkStream
 
 
 def _micro_seed(seed: int, step: int, micro: int, stream: int) -> int:
@@ -167,6 +189,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: distrib.DistContext | None = None):
         self.cfg = cfg
         self.ctx = ctx or distrib.init_distributed(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.out_dir = Path(cfg.out_dir)
         self._validate()
         self.model_config = cfg.model_config()
@@ -174,6 +198,7 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self.step = 0
+        self.tokens = 0  # training positions processed (PAD included)
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
 
     # ------------------------------------------------------------------ setup
@@ -181,7 +206,9 @@ class Trainer:
         cfg, world = self.cfg, self.ctx.world_size
         _check(cfg.split in SPLITS, f"unknown split {cfg.split!r}; choose one of {SPLITS}")
         for name in ("seq_len", "steps", "batch_size", "eval_batch_size", "score_batch_size",
-                     "sig_reg_slices"):
+                     "sig_reg_slices", "sig_reg_positions", "threads"):
+            if getattr(cfg, name) is None:
+                continue
             _check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
                                            f"got {getattr(cfg, name)}")
         micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
@@ -190,6 +217,14 @@ class Trainer:
                f"{world} process(es)")
         self.micro_batch_size = micro
         self.accumulation = cfg.batch_size // (micro * world)
+        if cfg.final_seq_len is not None and cfg.final_steps > 0:
+            _check(0 < cfg.final_steps <= cfg.steps,
+                   f"--final-steps must be in 1..--steps ({cfg.steps}), got {cfg.final_steps}")
+            rows = cfg.batch_size * cfg.seq_len // cfg.final_seq_len
+            _check(rows >= world and rows % world == 0,
+                   f"--final-seq-len {cfg.final_seq_len} leaves {rows} sequence(s) per step "
+                   f"(batch {cfg.batch_size} x seq-len {cfg.seq_len} / final length), not a "
+                   f"positive multiple of {world} process(es)")
         _check(cfg.parallel in (None, *distrib.PARALLEL_MODES),
                f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp")
         _check(cfg.lr > 0 and cfg.grad_clip >= 0 and 0 <= cfg.min_lr_ratio <= 1,
@@ -205,6 +240,13 @@ class Trainer:
         self.train_table = ChunkTable(train_docs, cfg.seq_len)
         self.val_data = join_documents(val_docs)
         self.stream = ChunkStream(len(self.train_table), cfg.seed, cfg.shuffle)
+        self.phases = [Phase(cfg.seq_len, cfg.batch_size, self.micro_batch_size,
+                             self.accumulation, self.train_table, self.stream)]
+        if cfg.final_seq_len is not None and cfg.final_steps > 0:
+            rows = cfg.batch_size * cfg.seq_len // cfg.final_seq_len
+            table = ChunkTable(train_docs, cfg.final_seq_len)
+            self.phases.append(Phase(cfg.final_seq_len, rows, 1, rows // self.ctx.world_size,
+                                     table, ChunkStream(len(table), cfg.seed + 1, cfg.shuffle)))
         self.corpus = {
             "files": len(documents), "train_files": len(train_docs), "val_files": len(val_docs),
             "train_bytes": self.train_table.num_bytes, "val_bytes": len(self.val_data),
@@ -270,7 +312,8 @@ class Trainer:
             py_version, py_internal, py_gauss = random.getstate()
             state = {
                 "step": self.step,
-                "data_position": self.stream.position,
+                "data_position": [phase.stream.position for phase in self.phases],
+                "tokens": self.tokens,
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.cfg.to_dict(),
                 "corpus": self.corpus,
@@ -300,10 +343,11 @@ class Trainer:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested "
                                 f"{self.model_config.to_dict().get(k)!r}" for k in diff)
             raise TrainError(f"{folder}: model config does not match the checkpoint ({details})")
-        saved_seq = state.get("train_config", {}).get("seq_len")
-        _check(saved_seq == self.cfg.seq_len,
-               f"{folder}: checkpoint was trained with --seq-len {saved_seq}, "
-               f"not {self.cfg.seq_len}")
+        for name in ("seq_len", "final_seq_len"):
+            saved_value = state.get("train_config", {}).get(name)
+            _check(saved_value == getattr(self.cfg, name),
+                   f"{folder}: checkpoint was trained with --{name.replace('_', '-')} "
+                   f"{saved_value}, not {getattr(self.cfg, name)}")
         _check(state.get("corpus", {}).get("fingerprint") == self.corpus["fingerprint"],
                f"{folder}: the training data differs from the checkpoint's (files or sizes "
                f"changed); resume with the same data, or start a new --out-dir")
@@ -319,7 +363,13 @@ class Trainer:
                                 {k: v.to(self.ctx.device)
                                  for k, v in weights.state_dict().items()}, optim)
         self.step = int(state["step"])
-        self.stream.position = int(state["data_position"])
+        positions = state["data_position"]
+        _check(len(positions) == len(self.phases),
+               f"{folder}: checkpoint has {len(positions)} sequence-length phase(s), this run "
+               f"{len(self.phases)}; keep --final-seq-len/--final-steps as they were")
+        for phase, position in zip(self.phases, positions, strict=True):
+            phase.stream.position = int(position)
+        self.tokens = int(state["tokens"])
         torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
         for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             if f"rng.cuda.{i}" in tensors:
@@ -332,11 +382,17 @@ class Trainer:
             self.log.truncate_after(self.step)
 
     # -------------------------------------------------------------- training
-    def _micro_batch_loss(self, indices: np.ndarray, step: int, micro: int
+    def phase(self, step: int) -> Phase:
+        """The phase optimizer step `step` (0-based) belongs to."""
+        if len(self.phases) > 1 and step >= self.cfg.steps - self.cfg.final_steps:
+            return self.phases[1]
+        return self.phases[0]
+
+    def _micro_batch_loss(self, table: ChunkTable, indices: np.ndarray, step: int, micro: int
                           ) -> tuple[torch.Tensor, float, int]:
         """On-chain loss of one micro-batch; returns (loss, ce_sum, predicted tokens)."""
         cfg, dev = self.cfg, self.ctx.device
-        batch = self.train_table.rows(indices)
+        batch = table.rows(indices)
         tokens = torch.from_numpy(batch.token_ids).to(dev)
         targets = torch.from_numpy(batch.targets).to(dev)
         pos = torch.from_numpy(batch.pos_ids).to(dev)
@@ -352,7 +408,14 @@ class Trainer:
         ce_sum = cross_entropy_sum(logits.float(), targets)
         loss = ce_sum / targets.numel()
         if cfg.sig_reg_coefficient > 0:
-            loss = loss + self.sig_reg(representations.float(), noise=noise)
+            flat = representations.float().reshape(-1, representations.shape[-1])
+            if cfg.sig_reg_positions and cfg.sig_reg_positions < flat.shape[0]:
+                # SIGReg is a mean over positions: a uniform random subset of them is an
+                # unbiased estimate of it, at a fraction of the cost (cos/sin of
+                # positions x slices x points dominates small models' steps).
+                subset = torch.randperm(flat.shape[0], generator=noise_gen)
+                flat = flat[subset[:cfg.sig_reg_positions].to(dev)]
+            loss = loss + self.sig_reg(flat, noise=noise)
         return loss, float(ce_sum.detach()), int((targets != V1_PAD_TOKEN_ID).sum())
 
     def train_step(self) -> dict[str, float]:
@@ -362,20 +425,23 @@ class Trainer:
                            total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        indices = self.stream.take(cfg.batch_size)
+        phase = self.phase(self.step)
+        indices = phase.stream.take(phase.batch_size)
         loss_total, ce_total, token_total = 0.0, 0.0, 0
-        for a in range(self.accumulation):
+        size = phase.micro_batch_size
+        for a in range(phase.accumulation):
             micro = a * ctx.world_size + ctx.rank
-            rows = indices[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
-            last = a == self.accumulation - 1
+            rows = indices[micro * size:(micro + 1) * size]
+            last = a == phase.accumulation - 1
             sync = contextlib.nullcontext()
             if not last and isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
                 sync = self.module.no_sync()
             elif cfg.parallel == "fsdp":
                 self.module.set_requires_gradient_sync(last)
             with sync:
-                loss, ce_sum, tokens = self._micro_batch_loss(rows, self.step, micro)
-                (loss / self.accumulation).backward()
+                loss, ce_sum, tokens = self._micro_batch_loss(phase.table, rows, self.step,
+                                                              micro)
+                (loss / phase.accumulation).backward()
             loss_total += float(loss.detach())
             ce_total += ce_sum
             token_total += tokens
@@ -385,10 +451,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.tokens += phase.batch_size * phase.seq_len
         loss_mean, ce_sum_all, tokens_all = distrib.all_reduce_mean(
-            ctx, [loss_total / self.accumulation, ce_total, float(token_total)])
+            ctx, [loss_total / phase.accumulation, ce_total, float(token_total)])
         return {"loss": loss_mean, "train_ce": ce_sum_all / max(tokens_all, 1.0),
-                "lr": lr, "grad_norm": grad_norm}
+                "lr": lr, "grad_norm": grad_norm, "seq_len": phase.seq_len}
 
     def evaluate(self, with_score: bool) -> dict[str, float]:
         """Held-out cross-entropy (and, if asked, the exact score) on rank 0."""
@@ -396,8 +463,15 @@ class Trainer:
         plain = self._plain_model()
         out: dict[str, float] = {}
         if self.ctx.is_main:
-            out["val_ce"] = heldout_cross_entropy(plain, self.val_data, cfg.seq_len,
-                                                  cfg.eval_batch_size)
+            # Held-out CE at every training length; `val_ce` is the last phase's length
+            # (what the finished model is trained for).
+            for phase in self.phases:
+                out[f"val_ce_at_{phase.seq_len}"] = heldout_cross_entropy(
+                    plain, self.val_data, phase.seq_len,
+                    max(1, cfg.eval_batch_size * cfg.seq_len // phase.seq_len))
+            out["val_ce"] = out[f"val_ce_at_{self.phases[-1].seq_len}"]
+            if len(self.phases) == 1:
+                del out[f"val_ce_at_{cfg.seq_len}"]
             if with_score:
                 result = exact_score(plain, self.val_data, cfg.score_seed,
                                      max_seq_len=self.score_seq_len,
@@ -424,8 +498,7 @@ class Trainer:
                 "train_config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
                 "corpus": self.corpus, "world_size": ctx.world_size,
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation})
-        tokens_per_step = cfg.batch_size * cfg.seq_len
-        start_step, started = self.step, time.perf_counter()
+        start_step, start_tokens, started = self.step, self.tokens, time.perf_counter()
         bar = None
         if ctx.is_main and cfg.progress:
             from tqdm import tqdm
@@ -438,11 +511,11 @@ class Trainer:
         while self.step < cfg.steps:
             last = self.train_step()
             elapsed = time.perf_counter() - started
-            speed = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            speed = (self.tokens - start_tokens) / max(elapsed, 1e-9)
             if ctx.is_main:
                 self.log.write(kind="train", step=self.step,
-                               tokens=self.step * tokens_per_step, tokens_per_s=round(speed, 1),
-                               epoch=round(self.stream.epoch, 4), **last)
+                               tokens=self.tokens, tokens_per_s=round(speed, 1),
+                               epoch=round(self.phase(self.step - 1).stream.epoch, 4), **last)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['train_ce']:.3f}",
@@ -457,9 +530,12 @@ class Trainer:
                 evals = self.evaluate(with_score=scored)
                 if ctx.is_main:
                     self.log.write(kind="eval", step=self.step,
-                                   tokens=self.step * tokens_per_step, **evals)
+                                   tokens=self.tokens, **evals)
                     if bar is not None:
                         bar.write(f"step {self.step}: held-out CE {evals['val_ce']:.4f}"
+                                  + "".join(f", at {k[len('val_ce_at_'):]} bytes {v:.4f}"
+                                            for k, v in evals.items()
+                                            if k.startswith("val_ce_at_"))
                                   + (f", exact score {evals['score']:.4f}"
                                      if "score" in evals else ""))
             if final or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
@@ -471,8 +547,10 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if not evals:  # resumed a finished run: nothing trained, still report where it is
+            evals = self.evaluate(with_score=True)
         seconds = time.perf_counter() - started
-        speed = (self.step - start_step) * tokens_per_step / max(seconds, 1e-9)
+        speed = (self.tokens - start_tokens) / max(seconds, 1e-9)
         weights = self.out_dir / "model.safetensors"
         plot_path = None
         plain = self._plain_model()
@@ -481,7 +559,9 @@ class Trainer:
             records = read_metrics(self.log.path) if self.log.path.exists() else []
             if cfg.plot:
                 plot_path = plot_losses(records, self.out_dir / "loss.png",
-                                        title=f"{cfg.config} model, seq_len {cfg.seq_len}")
+                                        title=f"{cfg.config} model, sequences of "
+                                              f"{' then '.join(str(p.seq_len) for p in self.phases)}"
+                                              f" bytes")
                 if plot_path is None:
                     print(MISSING_MATPLOTLIB, file=sys.stderr)
             summary = {"step": self.step, "tokens_per_s": speed, "seconds": seconds,
