@@ -547,7 +547,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if not evals:  # resumed a finished run: nothing trained, still report where it is
+        if self.step == start_step:  # resumed a finished run: still report where it is
             evals = self.evaluate(with_score=True)
         seconds = time.perf_counter() - started
         speed = (self.tokens - start_tokens) / max(seconds, 1e-9)
