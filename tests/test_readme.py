@@ -15,12 +15,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def python_block(heading: str) -> str:
     text = README.read_text()
     section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, f"no python block under {heading!r}"
     return match.group(1)
 
 
-@pytest.mark.parametrize("heading", ["PyTorch quickstart"])
+@pytest.mark.parametrize("heading", ["PyTorch quickstart", "Flax quickstart"])
 def test_quickstart_runs(heading: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", python_block(heading)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)

@@ -232,6 +232,10 @@ def atomic_write(path: PathLike, pieces: Iterable[bytes | np.ndarray]) -> None:
                 fh.write(piece.data if isinstance(piece, np.ndarray) else piece)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -9,6 +9,6 @@ The command line is `soma-models train` (see `soma_models.train.cli`); multi-pro
 runs go through torchrun (`soma_models.train.distributed`).
 """
 
-from soma_models.train.trainer import TrainConfig, TrainError, Trainer, TrainResult, train
+from soma_models.train.trainer import TrainConfig, Trainer, TrainError, TrainResult, train
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "train"]

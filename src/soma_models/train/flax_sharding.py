@@ -50,7 +50,7 @@ def adamw_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: fl
         init_value=lr / max(warmup_steps, 1), peak_value=lr,
         warmup_steps=max(warmup_steps - 1, 0), decay_steps=max(total_steps - 1, 1),
         end_value=lr * min_ratio)
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay,
@@ -99,7 +99,7 @@ class ShardedTrainStep:
         if token_ids.shape[0] % devices:
             raise ValueError(f"batch of {token_ids.shape[0]} rows cannot be split evenly over "
                              f"{devices} devices")
-        put = lambda a, s: jax.device_put(jnp.asarray(a), s)  # noqa: E731
+        put = lambda a, s: jax.device_put(jnp.asarray(a), s)
         self.params, self.opt_state, loss = self._step(
             self.params, self.opt_state, put(token_ids, self.rows), put(targets, self.rows),
             put(pos_ids.astype(np.int32), self.rows), put(noise, self.replicated))

@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.golden import build, case_id, cases, expected, params, tolerance
 
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig, SIGRegConfig
 from soma_models.v1.torch.modules.attention import MultiHeadAttention, apply_rope
-from soma_models.v1.torch.modules.encoder import Encoder
 from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.torch.modules.sig_reg import SIGReg
 from soma_models.v1.torch.serde import from_arrays
-from tests.golden import build, case_id, cases, expected, params, tolerance
 
 TIGHT = {"encoder": 1e-4, "model_encode": 1e-4, "model_predict": 1e-4}
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, save_file, to_bytes as _to_bytes
+from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
     ParamSpec,
@@ -72,7 +73,7 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
                 model_cls: type[Model] | None = None, num_heads: int | None = None) -> Model:
     """Build a `Model` from canonical arrays, checking every key and shape first."""
     if model_cls is None:
-        from soma_models.v1.torch.modules.model import Model as model_cls  # noqa: N813
+        from soma_models.v1.torch.modules.model import Model as model_cls
     found = {k: (_dtype_name(a), tuple(a.shape)) for k, a in arrays.items()}
     if config is None:
         heads = {} if num_heads is None else {"num_heads": num_heads}
