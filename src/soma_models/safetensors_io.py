@@ -176,11 +176,19 @@ class SafetensorsFile:
         return flat.reshape(info.shape)
 
 
-def _dtype_name(arr: np.ndarray, key: str) -> str:
+def format_dtype(arr: np.ndarray) -> str:
+    """The safetensors name of `arr`'s dtype ("F32", ...), or NumPy's name if it has none."""
     for name, dtype in DTYPES.items():
         if arr.dtype == dtype or arr.dtype == dtype.newbyteorder(">"):
             return name
-    raise TypeError(f"tensor {key!r}: dtype {arr.dtype} cannot be stored")
+    return str(arr.dtype)
+
+
+def _dtype_name(arr: np.ndarray, key: str) -> str:
+    name = format_dtype(arr)
+    if name not in DTYPES:
+        raise TypeError(f"tensor {key!r}: dtype {arr.dtype} cannot be stored")
+    return name
 
 
 def serialize(

@@ -8,12 +8,17 @@ hold, their shapes, and what kind of parameter each is; the torch and Flax serde
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from soma_models.errors import WeightsError
+from soma_models.safetensors_io import SafetensorsFile, format_dtype
 from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
 
 ARCHITECTURE_VERSION = 1
@@ -168,3 +173,51 @@ def infer_config(
     except ValueError as exc:
         raise WeightsError(source, [f"cannot infer a valid model config: {exc}; "
                                     "pass model_config explicitly"]) from None
+
+
+def checked_arrays(
+    arrays: Mapping[str, np.ndarray],
+    config: ModelConfig | None,
+    *,
+    source: str = "<arrays>",
+    num_heads: int | None = None,
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Check canonical arrays against the schema and return `(config, arrays)`.
+
+    `config=None` infers the sizes (heads: `num_heads`, else V1's). Every missing key,
+    shape or dtype problem is raised at once as a `WeightsError` naming `source`; unused
+    keys are a warning. The returned dict holds exactly the schema's keys, in model order.
+    """
+    found = {k: (format_dtype(np.asarray(a)), tuple(np.shape(a))) for k, a in arrays.items()}
+    if config is None:
+        heads = {} if num_heads is None else {"num_heads": num_heads}
+        config = infer_config({k: s for k, (_, s) in found.items()}, source=source, **heads)
+    check = check_tensors(found, config)
+    if not check.ok:
+        raise WeightsError(source, check.errors)
+    for warning in check.warnings:
+        warnings.warn(f"{source}: {warning}", stacklevel=3)
+    return config, {spec.key: arrays[spec.key] for spec in param_specs(config)}
+
+
+def read_weights(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    config: ModelConfig | None = None,
+) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
+    """Open a weights file (path or bytes), check it, return `(config, arrays, name)`.
+
+    The arrays are zero-copy views of the file (a copy-on-write memory map) or bytes.
+    The header is checked before any tensor is touched.
+    """
+    weights = SafetensorsFile(source)
+    found = {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}
+    if config is None:
+        config = infer_config({k: s for k, (_, s) in found.items()}, source=weights.name,
+                              num_heads=heads_from_metadata(weights.metadata))
+    check = check_tensors(found, config)
+    if not check.ok:
+        raise WeightsError(weights.name, check.errors)
+    for warning in check.warnings:
+        warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+    arrays = {spec.key: weights.array(spec.key) for spec in param_specs(config)}
+    return config, arrays, weights.name

@@ -23,17 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
     ParamSpec,
-    check_tensors,
+    checked_arrays,
     file_metadata,
-    heads_from_metadata,
-    infer_config,
     param_specs,
+    read_weights,
 )
 
 if TYPE_CHECKING:
@@ -70,11 +68,6 @@ def to_bytes(model: Model) -> bytes:
     return _to_bytes(canonical_arrays(model), file_metadata(model.config))
 
 
-def _dtype_name(arr: np.ndarray) -> str:
-    return {np.dtype("float32"): "F32", np.dtype("float64"): "F64",
-            np.dtype("float16"): "F16"}.get(np.asarray(arr).dtype, str(np.asarray(arr).dtype))
-
-
 def _reseed_dropout(model: Model, rngs: nnx.Rngs) -> None:
     """Give every dropout stream of an abstract model real RNG state from `rngs`."""
     from soma_models.v1.flax.modules.attention import MultiHeadAttention
@@ -92,15 +85,7 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
     """Build a `Model` from canonical arrays, checking every key and shape first."""
     if model_cls is None:
         from soma_models.v1.flax.modules.model import Model as model_cls
-    found = {k: (_dtype_name(a), tuple(np.shape(a))) for k, a in arrays.items()}
-    if config is None:
-        heads = {} if num_heads is None else {"num_heads": num_heads}
-        config = infer_config({k: s for k, (_, s) in found.items()}, source=source, **heads)
-    check = check_tensors(found, config)
-    if not check.ok:
-        raise WeightsError(source, check.errors)
-    for warning in check.warnings:
-        warnings.warn(f"{source}: {warning}", stacklevel=3)
+    config, arrays = checked_arrays(arrays, config, source=source, num_heads=num_heads)
     model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     for spec in param_specs(config):
         variable = flax_variable(model, spec)
@@ -114,17 +99,7 @@ def load(source: str | os.PathLike | bytes | bytearray | memoryview,
          config: ModelConfig | None = None, *, rngs: nnx.Rngs | None = None,
          model_cls: type[Model] | None = None) -> Model:
     """Load canonical weights from a path or bytes. Every problem is listed in one error."""
-    weights = SafetensorsFile(source)
-    found = {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}
-    if config is None:
-        config = infer_config({k: s for k, (_, s) in found.items()}, source=weights.name,
-                              num_heads=heads_from_metadata(weights.metadata))
-    check = check_tensors(found, config)
-    if not check.ok:
-        raise WeightsError(weights.name, check.errors)
-    arrays = {spec.key: weights.array(spec.key) for spec in param_specs(config)}
-    for warning in check.warnings:
-        warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+    config, arrays, name = read_weights(source, config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # extra keys were reported just above
-        return from_arrays(arrays, config, source=weights.name, rngs=rngs, model_cls=model_cls)
+        warnings.simplefilter("ignore")  # read_weights has reported any unused keys
+        return from_arrays(arrays, config, source=name, rngs=rngs, model_cls=model_cls)

@@ -10,24 +10,21 @@ V1 file is held in memory once.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
     ParamSpec,
-    check_tensors,
+    checked_arrays,
     file_metadata,
-    heads_from_metadata,
-    infer_config,
     param_specs,
+    read_weights,
 )
 
 if TYPE_CHECKING:
@@ -72,17 +69,15 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
                 source: str = "<arrays>", device: torch.device | str | None = None,
                 model_cls: type[Model] | None = None, num_heads: int | None = None) -> Model:
     """Build a `Model` from canonical arrays, checking every key and shape first."""
+    config, arrays = checked_arrays(arrays, config, source=source, num_heads=num_heads)
+    return _build(arrays, config, device, model_cls)
+
+
+def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig,
+           device: torch.device | str | None, model_cls: type[Model] | None) -> Model:
+    """Adopt already-checked canonical arrays as the parameters of a new model."""
     if model_cls is None:
         from soma_models.v1.torch.modules.model import Model as model_cls
-    found = {k: (_dtype_name(a), tuple(a.shape)) for k, a in arrays.items()}
-    if config is None:
-        heads = {} if num_heads is None else {"num_heads": num_heads}
-        config = infer_config({k: s for k, (_, s) in found.items()}, source=source, **heads)
-    check = check_tensors(found, config)
-    if not check.ok:
-        raise WeightsError(source, check.errors)
-    for warning in check.warnings:
-        warnings.warn(f"{source}: {warning}", stacklevel=3)
     with torch.device("meta"):
         model = model_cls(config)
     state = {}
@@ -95,27 +90,9 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
     return model
 
 
-def _dtype_name(arr: np.ndarray) -> str:
-    return {np.dtype("float32"): "F32", np.dtype("float64"): "F64",
-            np.dtype("float16"): "F16"}.get(np.asarray(arr).dtype, str(np.asarray(arr).dtype))
-
-
 def load(source: str | os.PathLike | bytes | bytearray | memoryview,
          config: ModelConfig | None = None, *, device: torch.device | str | None = None,
          model_cls: type[Model] | None = None) -> Model:
     """Load canonical weights from a path or bytes. Every problem is listed in one error."""
-    weights = SafetensorsFile(source)
-    found = {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}
-    if config is None:
-        config = infer_config({k: s for k, (_, s) in found.items()}, source=weights.name,
-                              num_heads=heads_from_metadata(weights.metadata))
-    check = check_tensors(found, config)
-    if not check.ok:
-        raise WeightsError(weights.name, check.errors)
-    arrays = {spec.key: weights.array(spec.key) for spec in param_specs(config)}
-    for warning in check.warnings:
-        warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # extra keys were reported just above
-        return from_arrays(arrays, config, source=weights.name, device=device,
-                           model_cls=model_cls)
+    config, arrays, _ = read_weights(source, config)
+    return _build(arrays, config, device, model_cls)
