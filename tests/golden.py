@@ -65,3 +65,20 @@ def expected(case: dict) -> np.ndarray:
 
 def case_id(case: dict) -> str:
     return case["name"].replace(".rs::", "::")
+
+
+# SPEC §9: a faithful float32 implementation lands within ~3e-6 of every golden value;
+# chains of layers get 1e-4.
+TIGHT_RTOL = {"encoder": 1e-4, "model_encode": 1e-4, "model_predict": 1e-4}
+
+
+def assert_matches_golden(case: dict, got: np.ndarray) -> None:
+    """`got` within the golden file's own tolerance and within the tight SPEC §9 bound."""
+    want = expected(case)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    rtol, atol = tolerance()
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got, want, rtol=TIGHT_RTOL.get(case["component"], 1e-5), atol=1e-5)
+    deviation = np.abs(got.astype(np.float64) - want)
+    relative = deviation / np.maximum(np.abs(want), 1e-30)
+    print(f"{case_id(case)}: max |diff| {deviation.max():.3g}, max rel {relative.max():.3g}")

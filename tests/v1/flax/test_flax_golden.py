@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tests.golden import build, case_id, cases, expected, params, tolerance
+from tests.golden import assert_matches_golden, build, case_id, cases, params
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.flax.modules.attention import MultiHeadAttention, apply_rope
@@ -21,19 +21,6 @@ from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.flax.modules.sig_reg import SIGReg
 from soma_models.v1.flax.serde import from_arrays
 from soma_models.v1.schema import param_specs
-
-TIGHT_RTOL = {"encoder": 1e-4, "model_encode": 1e-4, "model_predict": 1e-4}
-
-
-def check(case: dict, got: np.ndarray) -> None:
-    want = expected(case)
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    rtol, atol = tolerance()
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
-    np.testing.assert_allclose(got, want, rtol=TIGHT_RTOL.get(case["component"], 1e-5), atol=1e-5)
-    deviation = np.abs(got.astype(np.float64) - want)
-    relative = deviation / np.maximum(np.abs(want), 1e-30)
-    print(f"{case_id(case)}: max |diff| {deviation.max():.3g}, max rel {relative.max():.3g}")
 
 
 def _set(variable: nnx.Variable, value: np.ndarray) -> None:
@@ -127,7 +114,7 @@ def run_case(case: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("case", cases(), ids=case_id)
 def test_golden_case(case: dict) -> None:
-    check(case, run_case(case))
+    assert_matches_golden(case, run_case(case))
 
 
 def test_every_component_is_covered() -> None:

@@ -10,23 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.golden import build, case_id, cases, expected, params, tolerance
+from tests.golden import assert_matches_golden, build, case_id, cases, params
 
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig, SIGRegConfig
 from soma_models.v1.torch.modules.attention import MultiHeadAttention, apply_rope
 from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.torch.modules.sig_reg import SIGReg
 from soma_models.v1.torch.serde import from_arrays
-
-TIGHT = {"encoder": 1e-4, "model_encode": 1e-4, "model_predict": 1e-4}
-
-
-def check(case: dict, got: np.ndarray) -> None:
-    want = expected(case)
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    rtol, atol = tolerance()
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
-    np.testing.assert_allclose(got, want, rtol=TIGHT.get(case["component"], 1e-5), atol=1e-5)
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray) -> torch.nn.Linear:
@@ -108,7 +98,7 @@ def _model_with(arrays: dict[str, np.ndarray], config: ModelConfig):
 
 @pytest.mark.parametrize("case", cases(), ids=case_id)
 def test_golden_case(case: dict) -> None:
-    check(case, run_case(case))
+    assert_matches_golden(case, run_case(case))
 
 
 def test_every_component_is_covered() -> None:
