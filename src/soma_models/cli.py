@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from soma_models import __version__
+from soma_models.v1.noise import check_seed
 
 PROG = "soma-models"
 
@@ -126,9 +127,10 @@ def _seed(text: str) -> int:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    if not 0 <= value <= 2**64 - 1:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**64 - 1] (a u64), got {value}")
-    return value
+    try:
+        return check_seed(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _micro_batch(text: str) -> int | str:
