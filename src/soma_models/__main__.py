@@ -2,6 +2,6 @@
 
 import sys
 
-from soma_models.cli import main
+from soma_models.launch import main
 
 sys.exit(main())

@@ -6,15 +6,25 @@ from soma_models.v1 import configs
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 
 
-def test_defaults_are_v1() -> None:
+def test_defaults_are_the_networks_v1() -> None:
+    # The default revision is "0.1.7" (the test run does not set SOMA_MODELS_PROTOCOL).
     c = ModelConfig()
     assert (c.embedding_dim, c.num_heads, c.num_layers, c.pwff_hidden_dim, c.vocab_size) == (
-        2048, 8, 32, 8192, 264)
+        2048, 8, 24, 8192, 264)
     assert c.head_dim == 256 and c.max_wavelength == 10_000.0 and c.scale_factor == 1.0
     s = SIGRegConfig()
-    assert (s.t_max, s.points, s.slices, s.coefficient) == (3.0, 17, 1024, 0.02)
+    assert (s.t_max, s.points, s.slices, s.coefficient) == (3.0, 17, 256, 0.02)
     assert (configs.V1_PAD_TOKEN_ID, configs.V1_EOS_TOKEN_ID) == (256, 257)
-    assert (configs.V1_MAX_SEQ_LEN, configs.V1_BATCH_SIZE) == (8192, 32)
+    assert (configs.V1_MAX_SEQ_LEN, configs.V1_BATCH_SIZE) == (1024, 16)
+    assert configs.V1_NUM_LAYERS == 24 and configs.V1_SIG_REG_SLICES == 256
+
+
+@pytest.mark.parametrize("protocol, layers, slices", [
+    ("0.1.1", 32, 1024), ("0.1.7", 24, 256), ("latest", 24, 256)])
+def test_for_protocol_builds_either_revision(protocol: str, layers: int, slices: int) -> None:
+    assert ModelConfig.for_protocol(protocol).num_layers == layers
+    assert configs.preset("v1", protocol).num_layers == layers
+    assert SIGRegConfig.for_protocol(protocol).slices == slices
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -114,4 +114,4 @@ def test_sizes_below_one_raise(kwargs: dict) -> None:
 
 def test_defaults_are_the_on_chain_ones() -> None:
     (batch,) = tokenize(b"x" * 10)
-    assert len(batch.token_ids) == 1 and len(batch.token_ids[0]) == 8192
+    assert len(batch.token_ids) == 1 and len(batch.token_ids[0]) == 1024  # revision "0.1.7"

@@ -1,29 +1,37 @@
 """V1 constants and the two small configuration dataclasses.
 
-Every number here is part of the on-chain contract (SPEC §1); `ModelConfig()` and
-`SIGRegConfig()` with no arguments are exactly what the runtime evaluates.
+Every number here is part of the on-chain contract (SPEC §1). The ones that differ between
+the two revisions of V1 (layers, sequence length, batch size, SIGReg slices) follow the
+process-wide revision of `soma_models.v1.revisions` ("0.1.7" unless
+`SOMA_MODELS_PROTOCOL` says otherwise), so `ModelConfig()` and `SIGRegConfig()` with no
+arguments are exactly what that revision's runtime evaluates. `ModelConfig.for_protocol`
+and `SIGRegConfig.for_protocol` build either revision's explicitly.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from soma_models.v1.revisions import Revision, default_revision, resolve
+
+_REVISION = default_revision()
 
 V1_EMBEDDING_DIM = 2048
 V1_NUM_HEADS = 8
-V1_NUM_LAYERS = 32
-V1_MAX_SEQ_LEN = 8192
+V1_NUM_LAYERS = _REVISION.num_layers
+V1_MAX_SEQ_LEN = _REVISION.max_seq_len
 V1_PWFF_HIDDEN_DIM = 8192
 V1_VOCAB_SIZE = 264
 V1_MAX_WAVELENGTH = 10_000.0
 V1_SCALE_FACTOR = 1.0
-V1_BATCH_SIZE = 32
+V1_BATCH_SIZE = _REVISION.batch_size
 V1_PAD_TOKEN_ID = 256
 V1_EOS_TOKEN_ID = 257
-V1_SIG_REG_T_MAX = 3.0
-V1_SIG_REG_SLICES = 1024
-V1_SIG_REG_POINTS = 17
-V1_SIG_REG_COEFFICIENT = 0.02
+V1_SIG_REG_T_MAX = _REVISION.sig_reg_t_max
+V1_SIG_REG_SLICES = _REVISION.sig_reg_slices
+V1_SIG_REG_POINTS = _REVISION.sig_reg_points
+V1_SIG_REG_COEFFICIENT = _REVISION.sig_reg_coefficient
 V1_LAYER_NORM_EPS = 1e-5
 # The runtime *replaces* future attention scores by this value (SPEC §3.4).
 V1_MASK_FILL_VALUE = -1.0e4
@@ -38,7 +46,7 @@ def _require_positive(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a V1-architecture model (defaults: the on-chain V1)."""
+    """Hyperparameters of a V1-architecture model (defaults: the selected revision's V1)."""
 
     dropout_rate: float = 0.0
     embedding_dim: int = V1_EMBEDDING_DIM
@@ -75,6 +83,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def for_protocol(cls, protocol: str | Revision | None = None, **overrides: Any) -> ModelConfig:
+        """Full-width V1 as revision `protocol` runs it (None: the process-wide one)."""
+        return replace(cls(), num_layers=resolve(protocol).num_layers, **overrides)
+
     def require_contract_vocab(self) -> None:
         """Refuse vocabularies that cannot hold the PAD/EOS ids of the data contract."""
         if self.vocab_size < MIN_VOCAB_FOR_CONTRACT:
@@ -87,7 +100,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SIGRegConfig:
-    """SIGReg regulariser settings (defaults: the on-chain V1)."""
+    """SIGReg regulariser settings (defaults: the selected revision's)."""
 
     t_max: float = V1_SIG_REG_T_MAX
     points: int = V1_SIG_REG_POINTS
@@ -107,8 +120,16 @@ class SIGRegConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def for_protocol(cls, protocol: str | Revision | None = None) -> SIGRegConfig:
+        """The SIGReg settings revision `protocol`'s runtime scores with."""
+        revision = resolve(protocol)
+        return cls(t_max=revision.sig_reg_t_max, points=revision.sig_reg_points,
+                   slices=revision.sig_reg_slices, coefficient=revision.sig_reg_coefficient)
 
-#: Named presets for `init`, the trainer and tests. "v1" is the on-chain architecture.
+
+#: Named presets for `init`, the trainer and tests. "v1" is the on-chain architecture of
+#: the process-wide revision; `preset("v1", protocol)` gives another revision's.
 PRESETS: dict[str, ModelConfig] = {
     "v1": ModelConfig(),
     "medium": ModelConfig(embedding_dim=512, pwff_hidden_dim=2048, num_layers=8, num_heads=8),
@@ -117,7 +138,10 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset(name: str) -> ModelConfig:
+def preset(name: str, protocol: str | Revision | None = None) -> ModelConfig:
+    """The named size; `protocol` only matters for "v1" (24 or 32 layers)."""
+    if name == "v1":
+        return ModelConfig.for_protocol(protocol)
     try:
         return PRESETS[name]
     except KeyError:

@@ -20,8 +20,7 @@ import numpy as np
 from soma_models.errors import WeightsError
 from soma_models.safetensors_io import SafetensorsFile, format_dtype
 from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
-
-ARCHITECTURE_VERSION = 1
+from soma_models.v1.revisions import ARCHITECTURE_VERSION
 METADATA_VERSION_KEY = "soma_models.architecture_version"
 # Heads cannot be read off the shapes; we record them (the runtime ignores metadata).
 METADATA_HEADS_KEY = "soma_models.num_heads"
