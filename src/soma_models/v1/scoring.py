@@ -22,12 +22,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from soma_models.errors import WeightsFormatError
 from soma_models.safetensors_io import describe_source
+from soma_models.v1.backend import PieceTerms, ScoringBackend
 from soma_models.v1.batch_order import (
     BatchOrderRange,
     extreme_sums,
@@ -58,32 +59,6 @@ MAX_RANGE_BATCHES = 1024
 NOISE_CACHE_BYTES = 1 << 30
 # "auto" micro-batches keep one piece's activations around this size.
 AUTO_PIECE_BYTES = 2 << 30
-
-
-@dataclass(frozen=True)
-class PieceTerms:
-    """Raw sums a backend returns for some rows of one batch.
-
-    ce_sum: sum over non-PAD targets of -log_softmax(logits)[target].
-    sig_reg_sums: `[n_noises]` float64, per noise the sum over positions of the per-position
-        SIGReg value (no coefficient), so that the statistic is sum / positions.
-    embedding_sum: `[D]` float64, sum over rows of (mean over positions of reps).
-    """
-
-    ce_sum: float
-    sig_reg_sums: np.ndarray
-    embedding_sum: np.ndarray
-
-
-class ScoringBackend(Protocol):
-    """What a framework provides to the driver: a loaded model that computes `PieceTerms`."""
-
-    config: ModelConfig
-
-    def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
-                    noises: Sequence[np.ndarray]) -> PieceTerms:
-        """Terms for rows `[R, S]` (int32 ids/targets, int64 positions); noises `[D, slices]`."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -225,6 +200,62 @@ def auto_micro_batch_size(config: ModelConfig, max_seq_len: int,
     return max(1, budget_bytes // per_row)
 
 
+def resolve_micro_batch_size(micro_batch_size: int | str | None, config: ModelConfig,
+                             max_seq_len: int, default: int) -> int:
+    """Rows per forward pass: a positive int as given, "auto" (bounded memory), None: `default`."""
+    if micro_batch_size == "auto":
+        return auto_micro_batch_size(config, max_seq_len)
+    if micro_batch_size is None:
+        return default
+    if isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) \
+            and micro_batch_size >= 1:
+        return micro_batch_size
+    raise ValueError(f"micro_batch_size must be a positive int, 'auto' or None, "
+                     f"got {micro_batch_size!r}")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One batch's loss and embedding from its raw terms, in the runtime's float32 steps.
+
+    cross_entropy: ce_sum / positions; sig_reg: `[n_noises]` statistic per noise;
+    loss: cross_entropy + coefficient * sig_reg[slot]; embedding: `[D]` mean over rows.
+    """
+
+    cross_entropy: np.float32
+    sig_reg: np.ndarray
+    loss: np.float32
+    embedding: np.ndarray
+
+    @classmethod
+    def of(cls, terms: PieceTerms, shape: tuple[int, int], coefficient: np.float32,
+           slot: int = 0) -> BatchResult:
+        """`shape`: the batch's `[rows, seq_len]`; `slot`: which noise is the batch's own."""
+        rows, seq_len = shape
+        positions = rows * seq_len
+        sig_reg = (terms.sig_reg_sums / positions).astype(np.float32)
+        cross_entropy = np.float32(terms.ce_sum / positions)
+        loss = np.float32(cross_entropy + coefficient * sig_reg[slot])
+        embedding = (terms.embedding_sum / rows).astype(np.float32)
+        return cls(cross_entropy, sig_reg, loss, embedding)
+
+
+class RunningMeans:
+    """The runtime's running means over batches, in float32: m_k = m_{k-1} + (x_k - m_{k-1}) / k."""
+
+    def __init__(self, embedding_dim: int):
+        self.count = 0
+        self.loss = np.float32(0.0)
+        self.embedding = np.zeros(embedding_dim, dtype=np.float32)
+
+    def add(self, batch: BatchResult) -> None:
+        self.count += 1
+        count = np.float32(self.count)
+        self.loss = np.float32(self.loss + (batch.loss - self.loss) / count)
+        self.embedding = (self.embedding + (batch.embedding - self.embedding) / count
+                          ).astype(np.float32)
+
+
 def _batch_terms(backend: ScoringBackend, batch: ArrayBatch, noises: Sequence[np.ndarray],
                  rows_per_piece: int) -> PieceTerms:
     """The whole batch's terms, computed `rows_per_piece` rows at a time and added up."""
@@ -265,16 +296,7 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
     if batch_order_range and n_batches > MAX_RANGE_BATCHES:
         raise ValueError(f"batch-order range needs ~3n^2/4 SIGReg evaluations; refusing "
                          f"{n_batches} batches (limit {MAX_RANGE_BATCHES})")
-    if micro_batch_size == "auto":
-        rows_per_piece = auto_micro_batch_size(config, max_seq_len)
-    elif micro_batch_size is None:
-        rows_per_piece = batch_size
-    elif isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) \
-            and micro_batch_size >= 1:
-        rows_per_piece = micro_batch_size
-    else:
-        raise ValueError(f"micro_batch_size must be a positive int, 'auto' or None, "
-                         f"got {micro_batch_size!r}")
+    rows_per_piece = resolve_micro_batch_size(micro_batch_size, config, max_seq_len, batch_size)
     if noise is None or noise.seed != seed:
         noise = NoiseSource(seed)
     slots = feasible_slots(n_batches) if batch_order_range else None
@@ -283,25 +305,19 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
     cost = np.full((n_batches, n_batches), np.nan) if batch_order_range else None
     ce = np.zeros(n_batches, dtype=np.float32)
     batch_losses = np.zeros(n_batches, dtype=np.float32)
-    mean_loss = np.float32(0.0)
-    mean_embedding = np.zeros(config.embedding_dim, dtype=np.float32)
+    means = RunningMeans(config.embedding_dim)
     with _progress_bar(n_batches, progress, desc) as bar:
         for k, batch in enumerate(batches):
             window = slots[k] if slots is not None else range(k, k + 1)
             noises = [noise.get(s, config.embedding_dim, sig_reg_config.slices) for s in window]
             terms = _batch_terms(backend, batch, noises, rows_per_piece)
-            positions = batch.token_ids.size
-            sig_reg = (terms.sig_reg_sums / positions).astype(np.float32)
-            ce[k] = np.float32(terms.ce_sum / positions)
-            loss_k = np.float32(ce[k] + coefficient * sig_reg[k - window.start])
-            embedding_k = (terms.embedding_sum / batch.token_ids.shape[0]).astype(np.float32)
-            count = np.float32(k + 1)
-            mean_loss = np.float32(mean_loss + (loss_k - mean_loss) / count)
-            mean_embedding = (mean_embedding + (embedding_k - mean_embedding) / count
-                              ).astype(np.float32)
-            batch_losses[k] = loss_k
+            result = BatchResult.of(terms, batch.token_ids.shape, coefficient,
+                                    slot=k - window.start)
+            ce[k] = result.cross_entropy
+            batch_losses[k] = result.loss
+            means.add(result)
             if cost is not None:
-                cost[k, window.start:window.stop] = coefficient * sig_reg.astype(np.float64)
+                cost[k, window.start:window.stop] = coefficient * result.sig_reg.astype(np.float64)
             bar.update(1)
     order_range = None
     if cost is not None:
@@ -310,7 +326,7 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
         order_range = BatchOrderRange(low=(fixed + low) / n_batches,
                                       high=(fixed + high) / n_batches, exact=exact,
                                       orders=order_count(n_batches), n_batches=n_batches)
-    return Score(float(mean_loss), mean_embedding, batch_losses, order_range)
+    return Score(float(means.loss), means.embedding, batch_losses, order_range)
 
 
 def score(weights: object, data: object, seed: int, *, model_config: ModelConfig | None = None,

@@ -16,12 +16,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from soma_models.v1.backend import PieceTerms, RowTerms
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.flax import serde
 from soma_models.v1.flax.loss import cross_entropy_sum
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import sig_reg_statistic
-from soma_models.v1.scoring import PieceTerms
 
 
 @nnx.jit

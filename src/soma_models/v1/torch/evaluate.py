@@ -14,8 +14,8 @@ from typing import Self
 import numpy as np
 import torch
 
+from soma_models.v1.backend import PieceTerms, RowTerms
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
-from soma_models.v1.scoring import PieceTerms
 from soma_models.v1.torch import serde
 from soma_models.v1.torch.loss import cross_entropy_sum
 from soma_models.v1.torch.modules.model import Model
