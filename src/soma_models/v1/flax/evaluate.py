@@ -19,9 +19,9 @@ from flax import nnx
 from soma_models.v1.backend import PieceTerms, RowTerms
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.flax import serde
-from soma_models.v1.flax.loss import cross_entropy_sum
+from soma_models.v1.flax.loss import cross_entropy_rows, cross_entropy_sum
 from soma_models.v1.flax.modules.model import Model
-from soma_models.v1.flax.modules.sig_reg import sig_reg_statistic
+from soma_models.v1.flax.modules.sig_reg import sig_reg_position_values, sig_reg_statistic
 
 
 @nnx.jit
@@ -36,6 +36,20 @@ def _forward(model: Model, token_ids: jax.Array, positions: jax.Array, targets: 
 @functools.partial(jax.jit, static_argnums=2)
 def _sig_reg(reps: jax.Array, noise: jax.Array, config: SIGRegConfig) -> jax.Array:
     return sig_reg_statistic(reps, noise, config)
+
+
+@nnx.jit
+def _row_forward(model: Model, token_ids: jax.Array, positions: jax.Array, targets: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(reps `[R, S, D]`, cross-entropy sum per row `[R]`, mean over positions `[R, D]`)."""
+    reps = model.encode(token_ids, positions)
+    return reps, cross_entropy_rows(model.predict(reps), targets), reps.mean(axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sig_reg_rows(reps: jax.Array, noise: jax.Array, config: SIGRegConfig) -> jax.Array:
+    """Per row, the sum over its positions of the SIGReg values `[R]`."""
+    return sig_reg_position_values(reps, noise, config).sum(axis=1)
 
 
 def _is_training(model: Model) -> bool:
@@ -70,19 +84,39 @@ class FlaxBackend:
             model = serde.load(source, model_config)  # type: ignore[arg-type]
         return cls(model, sig_reg_config)
 
-    def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
-                    noises: Sequence[np.ndarray]) -> PieceTerms:
+    def _run(self, forward, token_ids: np.ndarray, targets: np.ndarray,
+             pos_ids: np.ndarray) -> tuple[jax.Array, ...]:
+        """`forward(model, ids, positions, targets)` in eval mode, then the model's own mode."""
         was_training = _is_training(self.model)
         self.model.eval()
         try:
-            reps, ce_sum, embedding_sum = _forward(
-                self.model, np.asarray(token_ids, dtype=np.int32),
-                np.asarray(pos_ids).astype(np.float32), np.asarray(targets, dtype=np.int32))
+            return forward(self.model, np.asarray(token_ids, dtype=np.int32),
+                           np.asarray(pos_ids).astype(np.float32),
+                           np.asarray(targets, dtype=np.int32))
         finally:
             if was_training:
                 self.model.train()
+
+    def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                    noises: Sequence[np.ndarray]) -> PieceTerms:
+        reps, ce_sum, embedding_sum = self._run(_forward, token_ids, targets, pos_ids)
         n_positions = reps.shape[0] * reps.shape[1]
         sig_reg_sums = np.array([float(_sig_reg(reps, noise, self.sig_reg_config)) * n_positions
                                  for noise in noises])
         return PieceTerms(float(ce_sum), sig_reg_sums,
                           np.asarray(embedding_sum, dtype=np.float64))
+
+    def row_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                  noises: Sequence[np.ndarray], noise_index: np.ndarray) -> RowTerms:
+        reps, ce_sums, embedding_means = self._run(_row_forward, token_ids, targets, pos_ids)
+        noise_index = np.asarray(noise_index)
+        sig_reg_sums = np.zeros(reps.shape[0])
+        for j, noise in enumerate(noises):
+            rows = noise_index == j
+            if rows.any():
+                # Every row under each noise in use, then keep that noise's rows: the
+                # shapes stay those of the pass, so jit compiles once per pass size.
+                sums = np.asarray(_sig_reg_rows(reps, noise, self.sig_reg_config))
+                sig_reg_sums[rows] = sums[rows]
+        return RowTerms(np.asarray(ce_sums, dtype=np.float64), sig_reg_sums,
+                        np.asarray(embedding_means, dtype=np.float64))

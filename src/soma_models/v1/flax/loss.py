@@ -11,11 +11,24 @@ from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import SIGReg
 
 
-def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Σ over non-PAD targets of -log_softmax(logits)[target]. logits `[..., V]`."""
+def _target_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log_softmax(logits)[target] per position `targets.shape`, 0 where the target is PAD."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(targets != V1_PAD_TOKEN_ID, picked, 0.0))
+    return jnp.where(targets != V1_PAD_TOKEN_ID, picked, 0.0)
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Σ over non-PAD targets of -log_softmax(logits)[target]. logits `[..., V]`."""
+    return -jnp.sum(_target_log_probs(logits, targets))
+
+
+def cross_entropy_rows(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per row, Σ over its non-PAD targets of -log_softmax(logits)[target].
+
+    logits `[R, S, V]`, targets `[R, S]` -> `[R]`; the rows add up to `cross_entropy_sum`.
+    """
+    return -jnp.sum(_target_log_probs(logits, targets), axis=-1)
 
 
 def compute_loss(

@@ -17,9 +17,9 @@ import torch
 from soma_models.v1.backend import PieceTerms, RowTerms
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.torch import serde
-from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.torch.loss import cross_entropy_rows, cross_entropy_sum
 from soma_models.v1.torch.modules.model import Model
-from soma_models.v1.torch.modules.sig_reg import sig_reg_statistic
+from soma_models.v1.torch.modules.sig_reg import sig_reg_position_values, sig_reg_statistic
 
 
 @contextlib.contextmanager
@@ -74,12 +74,15 @@ class TorchBackend:
             model = serde.load(source, model_config, device=device)  # type: ignore[arg-type]
         return cls(model, sig_reg_config)
 
+    def _inputs(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)
+                     for a in (token_ids, targets, pos_ids))  # type: ignore[return-value]
+
     def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
                     noises: Sequence[np.ndarray]) -> PieceTerms:
         device = self.device
-        tokens = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(device)
-        target = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
-        positions = torch.from_numpy(np.asarray(pos_ids, dtype=np.int64)).to(device)
+        tokens, target, positions = self._inputs(token_ids, targets, pos_ids)
         with torch.no_grad(), strict_float32(), eval_mode(self.model):
             reps = self.model.encode(tokens, positions)                  # [R, S, D]
             ce_sum = float(cross_entropy_sum(self.model.predict(reps), target))
@@ -91,3 +94,22 @@ class TorchBackend:
             ])
             embedding_sum = reps.mean(dim=1).sum(dim=0).double().cpu().numpy()
         return PieceTerms(ce_sum, sig_reg_sums, embedding_sum)
+
+    def row_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                  noises: Sequence[np.ndarray], noise_index: np.ndarray) -> RowTerms:
+        tokens, target, positions = self._inputs(token_ids, targets, pos_ids)
+        noise_index = np.asarray(noise_index)
+        with torch.no_grad(), strict_float32(), eval_mode(self.model):
+            reps = self.model.encode(tokens, positions)                  # [R, S, D]
+            ce_sums = cross_entropy_rows(self.model.predict(reps), target)
+            sig_reg_sums = torch.zeros(reps.shape[0], dtype=torch.float64)
+            for j, noise in enumerate(noises):
+                rows = np.flatnonzero(noise_index == j)
+                if rows.size == 0:
+                    continue
+                values = sig_reg_position_values(
+                    reps[torch.from_numpy(rows).to(self.device)],
+                    torch.from_numpy(noise).to(self.device), self.sig_reg_config)
+                sig_reg_sums[torch.from_numpy(rows)] = values.sum(dim=1).double().cpu()
+            embedding_means = reps.mean(dim=1).double().cpu().numpy()
+        return RowTerms(ce_sums.double().cpu().numpy(), sig_reg_sums.numpy(), embedding_means)

@@ -17,6 +17,17 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            ignore_index=V1_PAD_TOKEN_ID, reduction="sum")
 
 
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, Σ over its non-PAD targets of -log_softmax(logits)[target].
+
+    logits `[R, S, V]`, targets `[R, S]` -> `[R]`; the rows add up to `cross_entropy_sum`.
+    """
+    per_target = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 targets.reshape(-1), ignore_index=V1_PAD_TOKEN_ID,
+                                 reduction="none")
+    return per_target.reshape(targets.shape).sum(dim=-1)
+
+
 def _as_tensor(x: object, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device)

@@ -29,9 +29,9 @@ def _point_term(p: jax.Array, t_j: jax.Array, phi_j: jax.Array, w_j: jax.Array) 
     return w_j * ((c - phi_j) ** 2 + z * z)
 
 
-def _chunk_sum(x: jax.Array, valid: jax.Array, directions: jax.Array, t: jax.Array,
-               phi: jax.Array, weights: jax.Array) -> jax.Array:
-    """Σ over the chunk's valid positions of slices * Σ_j w_j ((c_j - phi_j)^2 + z_j^2).
+def _chunk_values(x: jax.Array, directions: jax.Array, t: jax.Array, phi: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+    """Per position of the chunk `[P]`: slices * Σ_j w_j ((c_j - phi_j)^2 + z_j^2).
 
     The points are a `lax.scan` whose step is rematerialised: the backward pass keeps
     `p` and recomputes one point's cos/sin at a time, instead of holding all of them.
@@ -43,12 +43,17 @@ def _chunk_sum(x: jax.Array, valid: jax.Array, directions: jax.Array, t: jax.Arr
         return total + term(p, *point), None
 
     total, _ = jax.lax.scan(add_point, jnp.zeros(p.shape[0], dtype=p.dtype), (t, phi, weights))
-    return jnp.where(valid, p.shape[-1] * total, 0.0).sum()
+    return p.shape[-1] * total
 
 
-def sig_reg_statistic(x: jax.Array, noise: jax.Array, config: SIGRegConfig,
-                      positions_per_chunk: int = POSITIONS_PER_CHUNK) -> jax.Array:
-    """Raw SIGReg statistic (no coefficient) of x `[..., D]` with noise `[D, slices]`."""
+def _chunk_sum(x: jax.Array, valid: jax.Array, directions: jax.Array, t: jax.Array,
+               phi: jax.Array, weights: jax.Array) -> jax.Array:
+    """Σ over the chunk's valid positions of the per-position values."""
+    return jnp.where(valid, _chunk_values(x, directions, t, phi, weights), 0.0).sum()
+
+
+def _prepare(x: jax.Array, noise: jax.Array, config: SIGRegConfig) -> tuple[jax.Array, ...]:
+    """(x as `[P, D]`, unit directions `[D, slices]`, t, phi, weights `[points]`)."""
     x = jnp.asarray(x)
     noise = jnp.asarray(noise, dtype=jnp.float32)
     if noise.ndim != 2 or noise.shape[0] != x.shape[-1]:
@@ -56,23 +61,54 @@ def sig_reg_statistic(x: jax.Array, noise: jax.Array, config: SIGRegConfig,
                          f"got {list(noise.shape)}")
     t, phi, weights = (jnp.asarray(a) for a in quadrature(config))
     directions = exact_divide(noise, jnp.sqrt(jnp.sum(noise * noise, axis=0, keepdims=True)))
-    flat = x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]), directions, t, phi, weights
+
+
+def _chunked(flat: jax.Array, positions_per_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`[P, D]` zero-padded to whole chunks `[chunks, chunk, D]`, and which positions are real."""
+    positions = flat.shape[0]
+    chunks = -(-positions // positions_per_chunk)
+    padded = chunks * positions_per_chunk
+    flat = jnp.pad(flat, ((0, padded - positions), (0, 0)))
+    valid = jnp.arange(padded) < positions
+    return (flat.reshape(chunks, positions_per_chunk, -1),
+            valid.reshape(chunks, positions_per_chunk))
+
+
+def sig_reg_statistic(x: jax.Array, noise: jax.Array, config: SIGRegConfig,
+                      positions_per_chunk: int = POSITIONS_PER_CHUNK) -> jax.Array:
+    """Raw SIGReg statistic (no coefficient) of x `[..., D]` with noise `[D, slices]`."""
+    flat, directions, t, phi, weights = _prepare(x, noise, config)
     positions = flat.shape[0]
     chunk_sum = jax.checkpoint(
         lambda chunk, valid: _chunk_sum(chunk, valid, directions, t, phi, weights))
     if positions <= positions_per_chunk:
         total = chunk_sum(flat, jnp.ones(positions, dtype=bool))
     else:
-        chunks = -(-positions // positions_per_chunk)
-        padded = chunks * positions_per_chunk
-        flat = jnp.pad(flat, ((0, padded - positions), (0, 0)))
-        valid = jnp.arange(padded) < positions
-        sums = jax.lax.map(
-            lambda args: chunk_sum(*args),
-            (flat.reshape(chunks, positions_per_chunk, -1),
-             valid.reshape(chunks, positions_per_chunk)))
+        sums = jax.lax.map(lambda args: chunk_sum(*args), _chunked(flat, positions_per_chunk))
         total = sums.sum()
     return total / positions
+
+
+def sig_reg_position_values(x: jax.Array, noise: jax.Array, config: SIGRegConfig,
+                            positions_per_chunk: int = POSITIONS_PER_CHUNK) -> jax.Array:
+    """Per-position SIGReg values v `x.shape[:-1]` (no coefficient).
+
+    The statistic is their mean; screening sums them per row to keep the rows of
+    different samples apart in one forward pass.
+    """
+    flat, directions, t, phi, weights = _prepare(x, noise, config)
+    positions = flat.shape[0]
+
+    def values(chunk: jax.Array) -> jax.Array:
+        return _chunk_values(chunk, directions, t, phi, weights)
+
+    if positions <= positions_per_chunk:
+        out = values(flat)
+    else:
+        chunks, _ = _chunked(flat, positions_per_chunk)
+        out = jax.lax.map(values, chunks).reshape(-1)[:positions]
+    return out.reshape(x.shape[:-1])
 
 
 class SIGReg(nnx.Module):

@@ -94,8 +94,9 @@ class _SIGRegSum(torch.autograd.Function):
         return grad_x, grad_directions, None, None, None
 
 
-def sig_reg_statistic(x: torch.Tensor, noise: torch.Tensor, config: SIGRegConfig) -> torch.Tensor:
-    """Raw SIGReg statistic (no coefficient) of x `[..., D]` with noise `[D, slices]`."""
+def _prepare(x: torch.Tensor, noise: torch.Tensor, config: SIGRegConfig
+             ) -> tuple[torch.Tensor, ...]:
+    """(x as `[P, D]`, unit directions `[D, slices]`, t, phi, weights `[points]`)."""
     if noise.ndim != 2 or noise.shape[0] != x.shape[-1]:
         raise ValueError(f"noise must be [embedding_dim={x.shape[-1]}, slices], "
                          f"got {list(noise.shape)}")
@@ -105,8 +106,28 @@ def sig_reg_statistic(x: torch.Tensor, noise: torch.Tensor, config: SIGRegConfig
                        for a in quadrature(config))
     noise = noise.to(device=x.device, dtype=x.dtype)
     directions = noise / noise.norm(dim=0, keepdim=True)
-    flat = x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]), directions, t, phi, weights
+
+
+def sig_reg_statistic(x: torch.Tensor, noise: torch.Tensor, config: SIGRegConfig) -> torch.Tensor:
+    """Raw SIGReg statistic (no coefficient) of x `[..., D]` with noise `[D, slices]`."""
+    flat, directions, t, phi, weights = _prepare(x, noise, config)
     return _SIGRegSum.apply(flat, directions, t, phi, weights) / flat.shape[0]
+
+
+def sig_reg_position_values(x: torch.Tensor, noise: torch.Tensor,
+                            config: SIGRegConfig) -> torch.Tensor:
+    """Per-position SIGReg values v `x.shape[:-1]` (no coefficient; not differentiable).
+
+    The statistic is their mean; screening sums them per row to keep the rows of
+    different samples apart in one forward pass.
+    """
+    flat, directions, t, phi, weights = _prepare(x, noise, config)
+    with torch.no_grad():
+        values = [_position_values(*_chunk_means(chunk @ directions, t), phi, weights,
+                                   directions.shape[1])
+                  for chunk in flat.split(POSITIONS_PER_CHUNK)]
+    return torch.cat(values).reshape(x.shape[:-1]) if values else flat.new_zeros(x.shape[:-1])
 
 
 class SIGReg(nn.Module):
