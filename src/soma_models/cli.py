@@ -1,4 +1,4 @@
-"""The `soma-models` command: score, validate, inspect, init, encrypt, decrypt (and train).
+"""The `soma-models` command: score, screen, validate, inspect, init, encrypt, decrypt (and train).
 
 User errors (missing file, damaged weights, wrong key, empty data, bad seed) print one
 line `soma-models: error: ...` on stderr and exit with status 1; usage errors exit 2.
@@ -205,6 +205,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- screen
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from soma_models.v1.screening import Screener, find_samples, load_targets, screen_to_jsonl
+
+    keys = _keys_for(args.models, args.key)
+    samples = find_samples(args.data, exclude=[args.out] if args.out else [])
+    screener = Screener(args.models, load_targets(args.targets), args.seed, keys=keys,
+                        protocol=args.protocol, framework=args.framework, device=args.device,
+                        micro_batch_size=args.micro_batch_size, threshold=args.threshold)
+    summary = screen_to_jsonl(screener, samples, args.out, embeddings=args.embeddings,
+                              progress=not args.quiet and sys.stderr.isatty())
+    print(summary, file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- validate
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -352,6 +368,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command's parser; `command` (the chosen subcommand, if known) decides whether the
     trainer's own arguments are loaded."""
     from soma_models.v1.configs import PRESETS, V1_BATCH_SIZE, V1_MAX_SEQ_LEN
+    from soma_models.v1.revisions import known_names
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Score, check and prepare Soma V1 model weights exactly as the "
@@ -384,6 +401,39 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=V1_BATCH_SIZE,
                    help=f"experiments only; the chain uses {V1_BATCH_SIZE}")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("screen", help="screen many data samples against a target's models",
+                       description="For every sample (each file is one sample), run the "
+                                   "chain's competition among the models (each scored on the "
+                                   "sample alone, lowest loss wins) and write one JSON line "
+                                   "with the losses, the winner and its cosine distance to "
+                                   "every target. Rerunning with the same --out skips the "
+                                   "samples it already holds.")
+    p.add_argument("--models", nargs="+", required=True, metavar="WEIGHTS",
+                   help="the target's safetensors weights files")
+    p.add_argument("--key", action="append", metavar="KEY",
+                   help="decryption key of an encrypted model; repeat once per model, in "
+                        "order ('none' for an unencrypted one)")
+    p.add_argument("--targets", required=True,
+                   help="target embeddings: .npy [n, D] or a JSON list of lists")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="sample files and folders (folders are walked recursively)")
+    p.add_argument("--seed", type=_seed, default=0, help="u64 scoring seed (the chain uses 0)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a sample is a hit when its nearest target distance is below this")
+    p.add_argument("--out", default=None,
+                   help="JSONL output file (default stdout); an existing one is resumed")
+    p.add_argument("--protocol", default=None, choices=known_names(),
+                   help="V1 revision (default: SOMA_MODELS_PROTOCOL, else 0.1.7)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also write the winner's embedding")
+    p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto",
+                   help="rows per forward pass, across samples; bounds memory, not the result "
+                        "(default auto)")
+    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("validate", help="check weights files as the chain will load them",
                        description="Report every problem of each file: format, header, keys, "
