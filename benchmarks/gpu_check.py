@@ -1,0 +1,308 @@
+"""One-shot GPU check: exactness on CUDA, screening throughput, and a bf16 training step.
+
+    python benchmarks/gpu_check.py            # on a CUDA machine: under 10 minutes on one H100
+    python benchmarks/gpu_check.py --quick    # tiny sizes on whatever device there is (CI, CPU)
+
+(a) CUDA vs CPU scoring deviation: the same weights and data scored with `score` on the
+    CPU and on CUDA (float32, TF32 off: the scoring path's `strict_float32`), for a
+    `small` model and for one full-width V1 layer (D 2048, hidden 8192) on a full
+    16 x 1024 batch (0.1.7's contract). Reports |loss difference| (absolute and relative)
+    and the largest embedding difference, against SPEC §9's rtol/atol 1e-5.
+(b) Screening throughput of the 24-layer V1: 3 random models, 2 KB samples, samples/s of
+    `Screener.screen` (models already on the device; float32, TF32 off).
+(c) One bf16-autocast training step of the 24-layer V1 (forward, on-chain loss with
+    SIGReg, backward, fused AdamW) against a nanoGPT-style step of the same dimensions
+    written here (learned positions, SDPA causal attention, plain cross-entropy, no
+    SIGReg), in tokens/s and MFU (model FLOPs 6N + 12 L D S per token, over the device's
+    dense bf16 peak; `--peak-tflops` to set it).
+
+Without CUDA the script still runs every section, on the CPU against the CPU (the
+deviation is then 0 by construction and says nothing about GPUs); `--quick` shrinks all
+sizes so that this takes well under a minute. Random weights are spread (not the small
+init), so every term of the loss matters in (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soma_models.v1.configs import ModelConfig, SIGRegConfig, preset
+from soma_models.v1.revisions import resolve
+from soma_models.v1.scoring import score
+from soma_models.v1.screening import Screener
+from soma_models.v1.torch import serde
+from soma_models.v1.torch.loss import compute_loss
+from soma_models.v1.torch.modules.model import Model
+from soma_models.v1.torch.modules.sig_reg import SIGReg
+
+# Dense bf16 peak (no sparsity), TFLOP/s, by device-name fragment; first match wins.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                    ("L4", 121.0))
+SPEC_RTOL = SPEC_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Sizes:
+    small: ModelConfig          # (a) the small model
+    layer: ModelConfig          # (a) one full-width layer
+    seq_len: int                # the contract's rows ...
+    batch_size: int             # ... and rows per batch
+    slices: int
+    v1: ModelConfig             # (b), (c)
+    samples: int                # (b) samples screened after one warm-up pass
+    sample_bytes: int
+    train_batch: int            # (c) rows per step
+    train_steps: int
+
+
+def sizes_for(quick: bool) -> Sizes:
+    revision = resolve("0.1.7")
+    if quick:
+        narrow = ModelConfig(embedding_dim=32, num_heads=4, pwff_hidden_dim=64, num_layers=2)
+        return Sizes(small=preset("tiny"), layer=replace(narrow, num_layers=1), seq_len=32,
+                     batch_size=4, slices=16, v1=narrow, samples=4, sample_bytes=100,
+                     train_batch=2, train_steps=1)
+    return Sizes(small=preset("small"), layer=ModelConfig(num_layers=1),
+                 seq_len=revision.max_seq_len, batch_size=revision.batch_size,
+                 slices=revision.sig_reg_slices, v1=ModelConfig.for_protocol("0.1.7"),
+                 samples=96, sample_bytes=2048, train_batch=8, train_steps=5)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def spread_(model: nn.Module, seed: int) -> nn.Module:
+    """Weights with enough spread that every term of the loss matters (in place)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+        if p.ndim == 2:
+            fan_in = p.shape[0] if name.startswith("embedding") else p.shape[1]
+            p.copy_(noise * (1.5 / math.sqrt(fan_in)))
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.2 * noise)
+        else:
+            p.copy_(0.1 * noise)
+    return model
+
+
+def random_model(config: ModelConfig, seed: int, device: torch.device) -> Model:
+    with torch.device(device):
+        return spread_(Model(config), seed).eval()
+
+
+# --------------------------------------------------------------------------- (a)
+
+def section_deviation(sizes: Sizes, device: torch.device) -> None:
+    print(f"\n== (a) {device.type} vs cpu scoring deviation (float32, TF32 off) ==")
+    rows = sizes.seq_len * sizes.batch_size
+    sig_reg = SIGRegConfig(slices=sizes.slices)
+    data = np.random.default_rng(1).integers(0, 256, rows, dtype=np.uint8).tobytes()
+    print(f"one full batch: {sizes.batch_size} x {sizes.seq_len}, {sizes.slices} SIGReg slices, "
+          f"seed 0; SPEC §9 tolerance rtol {SPEC_RTOL:g}, atol {SPEC_ATOL:g}")
+    print(f"{'model':<34}{'cpu loss':>13}{'device loss':>13}{'|d loss|':>10}{'rel':>10}"
+          f"{'max|d emb|':>12}{'cpu s':>7}{'dev s':>7}  ok")
+    layer_label = "one layer" if sizes.layer.embedding_dim < 2048 else "one full-width layer"
+    for label, config in (("small", sizes.small), (layer_label, sizes.layer)):
+        arrays = serde.canonical_arrays(random_model(config, 7, torch.device("cpu")))
+        results = []
+        for dev in ("cpu", device.type):
+            start = time.perf_counter()
+            result = score(arrays, data, 0, model_config=config, sig_reg_config=sig_reg,
+                           max_seq_len=sizes.seq_len, batch_size=sizes.batch_size, device=dev)
+            sync(device)
+            results.append((result, time.perf_counter() - start))
+        (cpu, cpu_s), (dev, dev_s) = results
+        diff = abs(cpu.loss - dev.loss)
+        emb = float(np.max(np.abs(cpu.embedding - dev.embedding)))
+        ok = diff <= SPEC_ATOL + SPEC_RTOL * abs(cpu.loss) and np.allclose(
+            dev.embedding, cpu.embedding, rtol=SPEC_RTOL, atol=SPEC_ATOL)
+        name = f"{label} (D {config.embedding_dim}, {config.num_layers} layer(s))"
+        print(f"{name:<34}{cpu.loss:>13.7f}{dev.loss:>13.7f}{diff:>10.2e}"
+              f"{diff / abs(cpu.loss):>10.2e}{emb:>12.2e}{cpu_s:>7.1f}{dev_s:>7.1f}  "
+              f"{'yes' if ok else 'NO'}")
+        del arrays
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- (b)
+
+def section_screening(sizes: Sizes, device: torch.device) -> None:
+    config = sizes.v1
+    print(f"\n== (b) screening throughput on {device.type}: {config.num_layers}-layer "
+          f"(D {config.embedding_dim}) x 3 random models, {sizes.sample_bytes}-byte samples ==")
+    models = [random_model(config, seed, device) for seed in (1, 2, 3)]
+    rng = np.random.default_rng(2)
+    samples = [(f"s{i}", rng.integers(0, 256, sizes.sample_bytes, dtype=np.uint8).tobytes())
+               for i in range(sizes.samples)]
+    target = rng.standard_normal(config.embedding_dim).astype(np.float32)
+    screener = Screener(models, target, max_seq_len=sizes.seq_len, batch_size=sizes.batch_size,
+                        sig_reg_config=SIGRegConfig(slices=sizes.slices), micro_batch_size="auto")
+    rows = -(-sizes.sample_bytes // sizes.seq_len)
+    # Warm-up on a quarter of the samples, at most one full pass (allocator, kernels).
+    warm = max(1, min(len(samples) // 4, screener.rows_per_pass // rows))
+    list(screener.screen(samples[:warm]))
+    sync(device)
+    start = time.perf_counter()
+    results = list(screener.screen(samples))
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+            if device.type == "cuda" else "")
+    print(f"{len(results)} samples ({rows} rows of {sizes.seq_len} each) in {seconds:.1f} s: "
+          f"{len(results) / seconds:.2f} samples/s; {screener.rows_per_pass} rows per pass{peak}")
+    del models, screener
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- (c)
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, s, d))
+        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's layout at V1's dimensions: learned positions, SDPA, plain cross-entropy."""
+
+    def __init__(self, config: ModelConfig, seq_len: int):
+        super().__init__()
+        d = config.embedding_dim
+        self.wte, self.wpe = nn.Embedding(config.vocab_size, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(NanoBlock(d, config.num_heads, config.pwff_hidden_dim)
+                                    for _ in range(config.num_layers))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, config.vocab_size)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def model_flops_per_token(model: nn.Module, config: ModelConfig, seq_len: int) -> float:
+    """6 N + 12 L D S (nanoGPT's estimate); N without the embedding tables."""
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    n = sum(p.numel() for p in model.parameters()) - embeddings
+    return 6 * n + 12 * config.num_layers * config.embedding_dim * seq_len
+
+
+def time_steps(step, steps: int, device: torch.device) -> float:
+    step()                                                     # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | None) -> None:
+    config, seq, batch = sizes.v1, sizes.seq_len, sizes.train_batch
+    print(f"\n== (c) bf16 autocast training step on {device.type}: {config.num_layers} layers, "
+          f"D {config.embedding_dim}, hidden {config.pwff_hidden_dim}, batch {batch} x {seq} ==")
+    rng = np.random.default_rng(3)
+    tokens = torch.from_numpy(rng.integers(0, 256, (batch, seq + 1))).to(device)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    pos_ids = torch.arange(seq, device=device).expand(batch, seq)
+    noise = torch.randn(config.embedding_dim, sizes.slices, device=device)
+    fused = device.type == "cuda"
+    rows = []
+    for name in ("V1 (ours)", "nanoGPT-style"):
+        with torch.device(device):
+            model = Model(config) if name.startswith("V1") else NanoGPT(config, seq)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        sig_reg = SIGReg(SIGRegConfig(slices=sizes.slices))
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                if isinstance(model, Model):
+                    loss, _ = compute_loss(model, sig_reg, inputs, targets, pos_ids, noise)
+                else:
+                    loss = model(inputs, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_steps(step, sizes.train_steps, device)
+        tokens_per_s = batch * seq / seconds
+        flops = model_flops_per_token(model, config, seq) * tokens_per_s
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append((name, seconds, tokens_per_s, flops, memory))
+        del model, optimizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'step':<16}{'s/step':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}")
+    for name, seconds, tokens_per_s, flops, memory in rows:
+        mfu = f"{flops / (peak_tflops * 1e12):.1%}" if peak_tflops else "n/a"
+        mem = f"{memory:.1f}" if memory is not None else "-"
+        print(f"{name:<16}{seconds:>9.3f}{tokens_per_s:>11.0f}{flops / 1e12:>9.1f}{mfu:>7}{mem:>10}")
+    print(f"ours / nanoGPT-style tokens/s: {rows[0][2] / rows[1][2]:.2f}x"
+          + ("" if peak_tflops else "  (MFU: unknown device peak; pass --peak-tflops)"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for MFU (default: by device name)")
+    parser.add_argument("--sections", default="a,b,c")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = sizes_for(args.quick)
+    peak = args.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak or next((tf for frag, tf in BF16_PEAK_TFLOPS if frag in name), None)
+        print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"device cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+              f"torch {torch.__version__}: no GPU, so (a) compares the CPU with itself")
+    print(f"sizes: {'quick' if args.quick else 'full'}")
+    started = time.perf_counter()
+    sections = set(args.sections.split(","))
+    if "a" in sections:
+        section_deviation(sizes, device)
+    if "b" in sections:
+        section_screening(sizes, device)
+    if "c" in sections:
+        section_training(sizes, device, peak)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
