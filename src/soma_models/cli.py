@@ -178,7 +178,7 @@ def _revision(args: argparse.Namespace) -> Any:
 
 
 def _revision_line(revision: Any) -> str:
-    return f"protocol   {revision.name} ({revision.summary})"
+    return f"protocol   {revision.name}: {revision.summary}"
 
 
 @contextlib.contextmanager
@@ -290,8 +290,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from soma_models.safetensors_io import SafetensorsFile
-    from soma_models.v1.schema import heads_from_metadata, infer_config, parameter_count
-    from soma_models.v1.schema import recorded_protocol
+    from soma_models.v1.schema import (
+        heads_from_metadata,
+        infer_config,
+        parameter_count,
+        recorded_protocol,
+    )
     from soma_models.v1.transit import decrypt_file, file_commitment
 
     revision = _revision(args)
@@ -317,7 +321,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
         return 0
-    print(f"protocol    {revision.name} ({revision.summary}); the file records "
+    print(f"protocol    {revision.name}: {revision.summary}; the file records "
           f"{recorded if recorded else 'no revision'}")
     print(f"file        {path} ({size:,} bytes)")
     print(f"commitment  {digest} (blake2b-256 of the file's bytes, "

@@ -11,7 +11,6 @@ from tests.v1 import numpy_reference as ref
 from soma_models.v1 import batch_order
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.schema import param_specs
-from soma_models.v1.transit import parse_key
 from soma_models.v1.scoring import (
     Competition,
     NaNLossWarning,
@@ -25,6 +24,7 @@ from soma_models.v1.scoring import (
     score,
     validate,
 )
+from soma_models.v1.transit import parse_key
 
 RTOL, ATOL = 1e-5, 1e-5
 SLICES = 48
@@ -378,7 +378,8 @@ def test_compete_warns_in_one_line_on_a_nan_loss():
     broken = dict(good)
     broken["predictor.bias"] = good["predictor.bias"].copy()
     broken["predictor.bias"][3] = np.nan
-    kwargs = dict(model_config=SMALL, sig_reg_config=SIG_REG, max_seq_len=16, batch_size=2)
+    kwargs = {"model_config": SMALL, "sig_reg_config": SIG_REG, "max_seq_len": 16,
+              "batch_size": 2}
     with pytest.warns(NaNLossWarning, match="index 0 is NaN, so it wins") as record:
         result = compete([broken, good], data, 7, **kwargs)
     assert result.winner == 0 and np.isnan(result.loss) and not np.isnan(result.losses[1])

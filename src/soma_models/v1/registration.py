@@ -13,27 +13,28 @@ computed by `soma_models.v1.scoring.score` exactly as the chain scores. The chai
 models to targets by the distance between their registered embedding and the targets, so
 `data` should be representative of what the model is for.
 
-All or nothing: the encrypted file is written to an unnamed temporary file (Linux
-`O_TMPFILE`, gone if the process dies), the manifest and the file are assembled in a
-hidden staging folder next to `output_dir` in the last moment, and the folder is renamed
-into place. A SIGTERM or an exception removes the staging folder; a staging folder left by
-a killed process is recognised by its dead process id and removed by the next `publish`.
+All or nothing: the encrypted file and the manifest are written in a hidden staging
+folder next to `output_dir`, which is renamed into place at the end. An exception or a
+SIGTERM removes the staging folder; so does a tiny watchdog process when the publish is
+killed outright (SIGKILL). A staging folder that still survives (say, the machine lost
+power) carries its process id and is removed by the next `publish` to the same folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -121,40 +122,47 @@ def _remove_stale_staging(output: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+# A separate, minimal interpreter that removes the staging folder unless told the publish
+# finished: it notices its parent's death (even by SIGKILL) as end-of-file on its stdin. It
+# ignores SIGINT/SIGTERM and runs in its own session, so the signals that stop the publish
+# do not stop it before it has cleaned up.
+_WATCHDOG = """
+import shutil, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.stdin.buffer.read() != b"done":
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
 @contextlib.contextmanager
-def _unnamed_file(folder: Path) -> Iterator[tuple[BinaryIO, bool]]:
-    """A writable file in `folder` that has no name (O_TMPFILE) when the system allows.
+def _staging_folder(output: Path) -> Iterator[Path]:
+    """A hidden folder next to `output` that disappears unless renamed away.
 
-    Yields `(file, unnamed)`; an unnamed file vanishes with the process, whatever kills it.
-    Elsewhere a named temporary file is used, removed on exit.
+    An exception or SIGTERM removes it here; a SIGKILL leaves it to the watchdog process.
     """
-    flags = getattr(os, "O_TMPFILE", 0)
-    fd = -1
-    if flags:
-        try:
-            fd = os.open(folder, flags | os.O_RDWR, 0o666)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                raise
-    if fd >= 0:
-        with os.fdopen(fd, "w+b") as fh:
-            yield fh, True
-        return
-    fd, name = tempfile.mkstemp(prefix=".publish-", suffix=".tmp", dir=folder)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output)}{os.getpid()}.",
+                                    dir=output.parent))
+    watchdog = None
     try:
-        with os.fdopen(fd, "w+b") as fh:
-            yield fh, False
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(staging)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+    except OSError:
+        pass  # no watchdog: an exception still cleans up, a stale folder is removed later
+    finished = False
+    try:
+        yield staging
+        finished = not staging.exists()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
-def _link_into(fh: BinaryIO, unnamed: bool, target: Path) -> None:
-    """Give the (flushed, fsynced) file `fh` the name `target`."""
-    if unnamed:
-        os.link(f"/proc/self/fd/{fh.fileno()}", target, follow_symlinks=True)
-    else:
-        os.link(fh.name, target)  # type: ignore[arg-type]
+        if not finished:
+            shutil.rmtree(staging, ignore_errors=True)
+        if watchdog is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                watchdog.communicate(b"done" if finished else b"", timeout=30)
+            if watchdog.poll() is None:
+                watchdog.kill()
 
 
 @contextlib.contextmanager
@@ -239,8 +247,8 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
     encrypted_name = f"{source.name}.enc"
     with _sigterm_as_exception():
         _remove_stale_staging(output)
-        with _unnamed_file(output.parent) as (fh, unnamed):
-            checksum_state, size = _encrypt_into(source, raw_key, fh)
+        with _staging_folder(output) as staging:
+            checksum_state, size = _encrypt_into(source, raw_key, staging / encrypted_name)
             manifest = Manifest(
                 protocol=revision.name, architecture_version=ARCHITECTURE_VERSION,
                 weights_file=encrypted_name, checksum=encode_text(checksum_state, revision),
@@ -250,7 +258,7 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
                 decryption_key_commitment=key_commitment(raw_key, revision),
                 data_checksum=encode_text(digest(data_view), revision),
                 data_size=data_view.nbytes)
-            _assemble(output, fh, unnamed, encrypted_name, manifest)
+            _finish(staging, output, manifest)
     return manifest
 
 
@@ -261,44 +269,37 @@ def _validate_protocol(validate: Any, revision: Revision) -> dict[str, Any]:
     return {"protocol": revision} if "protocol" in inspect.signature(validate).parameters else {}
 
 
-def _encrypt_into(source: Path, raw_key: bytes, fh: BinaryIO) -> tuple[bytes, int]:
-    """Write the encryption of `source` to `fh`; return (Blake2b-256 of it, its size)."""
+def _encrypt_into(source: Path, raw_key: bytes, target: Path) -> tuple[bytes, int]:
+    """Write the encryption of `source` to `target`; return (its Blake2b-256, its size)."""
     import hashlib
 
     state = hashlib.blake2b(digest_size=32)
     size = 0
-    for chunk in iter_ctr_file(source, raw_key, CHUNK_BYTES):
-        fh.write(chunk)
-        state.update(chunk)
-        size += len(chunk)
-    fh.flush()
-    os.fsync(fh.fileno())
+    with open(target, "xb") as fh:
+        for chunk in iter_ctr_file(source, raw_key, CHUNK_BYTES):
+            fh.write(chunk)
+            state.update(chunk)
+            size += len(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
     return state.digest(), size
 
 
-def _assemble(output: Path, fh: BinaryIO, unnamed: bool, encrypted_name: str,
-              manifest: Manifest) -> None:
-    """Staging folder with the encrypted file and the manifest, renamed to `output`."""
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output)}{os.getpid()}.",
-                                    dir=output.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        _link_into(fh, unnamed, staging / encrypted_name)
-        os.chmod(staging / encrypted_name, 0o666 & ~umask)
-        text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
-        with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        _fsync_folder(staging)
-        # rename(2) replaces an empty folder and fails on a non-empty one: never a merge.
-        os.rename(staging, output)
-        _fsync_folder(output.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _finish(staging: Path, output: Path, manifest: Manifest) -> None:
+    """Write the manifest into `staging`, then rename the folder to `output` (atomic)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    os.chmod(staging / manifest.weights_file, 0o666 & ~umask)
+    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
+    with open(staging / MANIFEST_NAME, "x", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync_folder(staging)
+    # rename(2) replaces an empty folder and fails on a non-empty one: never a merge.
+    os.rename(staging, output)
+    _fsync_folder(output.parent)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
