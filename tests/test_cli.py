@@ -12,9 +12,9 @@ import pytest
 from soma_models.cli import main
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.scoring import compete, score
-from soma_models.v1.transit import commitment
+from soma_models.v1.transit import commitment, parse_key
 
-SUBCOMMANDS = ["score", "validate", "inspect", "init", "encrypt", "decrypt"]
+SUBCOMMANDS = ["score", "validate", "inspect", "init", "encrypt", "decrypt", "publish"]
 # Small contract sizes keep every score fast; the chain's are the defaults.
 SIZES = ["--max-seq-len", "64", "--batch-size", "4"]
 SMALL_SIZES = {"max_seq_len": 64, "batch_size": 4}
@@ -63,7 +63,8 @@ def test_score_json_end_to_end(files):
     expected = score(w1, (files / "data.bin").read_bytes(), 7, **SMALL_SIZES)
     np.testing.assert_allclose(doc["loss"], expected.loss, rtol=1e-6)
     np.testing.assert_allclose(doc["embedding"], expected.embedding, rtol=1e-6, atol=1e-7)
-    assert set(doc) == {"weights", "loss", "embedding"}
+    assert set(doc) == {"weights", "protocol", "loss", "embedding"}
+    assert doc["protocol"] == expected.protocol == "0.1.7"
 
 
 def test_competition_json(files, capsys):
@@ -100,7 +101,8 @@ def test_encrypt_then_score_with_key(files, tmp_path, capsys):
     w1, encrypted = files / "w1.safetensors", tmp_path / "w1.enc"
     assert main(["encrypt", str(w1), "-o", str(encrypted)]) == 0
     out = capsys.readouterr().out
-    key = out.split("key")[1].split()[0]
+    key = next(line.split()[1] for line in out.splitlines() if line.startswith("key "))
+    assert "protocol    0.1.7" in out and parse_key(key) and len(key) <= 44  # Base58
     assert f"commitment  {commitment(encrypted.read_bytes())}" in out
     data = str(files / "data.bin")
     assert main(["score", str(encrypted), "--data", data, "--seed", "5", "--key", key,
@@ -120,7 +122,7 @@ def test_encrypt_then_score_with_key(files, tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "wrong key")
     assert not (tmp_path / "x").exists()
     assert main(["decrypt", str(encrypted), "-o", str(tmp_path / "x"), "--key", "abc"]) == 1
-    assert_one_line_error(capsys.readouterr().err, "64 hex")
+    assert_one_line_error(capsys.readouterr().err, "Base58 of 32 bytes or 64 hex")
 
 
 def test_text_output_with_range_and_inline_target(files, capsys):

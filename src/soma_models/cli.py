@@ -1,4 +1,8 @@
-"""The `soma-models` command: score, screen, validate, inspect, init, encrypt, decrypt (and train).
+"""The `soma-models` command: score, screen, validate, inspect, init, encrypt, decrypt,
+publish (and train).
+
+`--protocol` picks the revision of V1 ("0.1.7", alias "latest": the network; "0.1.1": the
+product page); without it `SOMA_MODELS_PROTOCOL`, else "0.1.7". Every output names it.
 
 User errors (missing file, damaged weights, wrong key, empty data, bad seed) print one
 line `soma-models: error: ...` on stderr and exit with status 1; usage errors exit 2.
@@ -8,6 +12,7 @@ Set SOMA_MODELS_DEBUG=1 to get the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -15,6 +20,7 @@ import mmap
 import os
 import struct
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +116,8 @@ def _embedding_summary(embedding: np.ndarray) -> str:
 
 
 def _score_json(path: str, score: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"weights": path, "loss": _finite_or_none(score.loss),
+    out: dict[str, Any] = {"weights": path, "protocol": score.protocol,
+                           "loss": _finite_or_none(score.loss),
                            "embedding": [_finite_or_none(float(v)) for v in score.embedding]}
     if score.range is not None:
         r = score.range
@@ -153,12 +160,59 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _protocol(text: str) -> str:
+    """A revision name or alias, checked (argparse type)."""
+    from soma_models.v1.revisions import UnknownProtocolError, lookup
+
+    try:
+        return lookup(text.strip()).name
+    except UnknownProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _revision(args: argparse.Namespace) -> Any:
+    """The revision this command uses: --protocol, else SOMA_MODELS_PROTOCOL, else 0.1.7."""
+    from soma_models.v1.revisions import resolve
+
+    return resolve(getattr(args, "protocol", None))
+
+
+def _revision_line(revision: Any) -> str:
+    return f"protocol   {revision.name}: {revision.summary}"
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Any:
+    """Warnings (revision mismatch, NaN loss, unused keys) as one stderr line each."""
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def _add_protocol(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--protocol", type=_protocol, default=None, metavar="REVISION",
+                   help=f"revision of V1 {what}: 0.1.7 (alias latest; the network since "
+                        "2026-02-23) or 0.1.1 (the product page). Default: "
+                        "$SOMA_MODELS_PROTOCOL, else 0.1.7")
+
+
 # --------------------------------------------------------------------------- score
 
 def cmd_score(args: argparse.Namespace) -> int:
+    with _warnings_as_lines():
+        return _score(args)
+
+
+def _score(args: argparse.Namespace) -> int:
     from soma_models.v1.configs import SIGRegConfig
     from soma_models.v1.scoring import compete
 
+    revision = _revision(args)
     keys = _keys_for(args.weights, args.key)
     target = _parse_target(args.target) if args.target is not None else None
     data = _read_data(args.data)
@@ -171,15 +225,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     result = compete(args.weights, data, args.seed, target=target, keys=keys,
                      framework=args.framework, device=args.device,
-                     sig_reg_config=SIGRegConfig(), max_seq_len=args.max_seq_len,
-                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                     progress=show_progress, batch_order_range=args.range, on_score=report)
+                     sig_reg_config=SIGRegConfig.for_protocol(revision),
+                     max_seq_len=args.max_seq_len, batch_size=args.batch_size,
+                     micro_batch_size=args.micro_batch_size, progress=show_progress,
+                     batch_order_range=args.range, on_score=report, protocol=revision)
     if args.json:
         scores = [_score_json(p, s) for p, s in zip(args.weights, result.scores)]
         if not many and target is None:
             _print_json(scores[0])
             return 0
-        _print_json({"scores": scores, "competition": {
+        _print_json({"protocol": revision.name, "scores": scores, "competition": {
             "winner": result.winner, "winner_weights": args.weights[result.winner],
             "loss": _finite_or_none(result.loss),
             "distance": _finite_or_none(result.distance),
@@ -187,9 +242,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     if not many:
         s = result.scores[0]
+        print(_revision_line(revision))
         print(f"loss       {s.loss:.9g}")
         print(f"embedding  {_embedding_summary(s.embedding)}")
     else:
+        print(_revision_line(revision))
         print(f"winner     {args.weights[result.winner]} (#{result.winner + 1}), "
               f"loss {result.loss:.9g}")
     if result.distance is not None:
@@ -208,6 +265,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- screen
 
 def cmd_screen(args: argparse.Namespace) -> int:
+    with _warnings_as_lines():
+        return _screen(args)
+
+
+def _screen(args: argparse.Namespace) -> int:
     from soma_models.v1.screening import Screener, find_samples, load_targets, screen_to_jsonl
 
     keys = _keys_for(args.models, args.key)
@@ -224,14 +286,22 @@ def cmd_screen(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- validate
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    import inspect
+
     from soma_models.v1.validation import validate
 
+    revision = _revision(args)
     keys = _keys_for(args.weights, args.key)
-    reports = [validate(path, key=key) for path, key in zip(args.weights, keys)]
+    # validate()'s revision rules (layer count against the runtime) are owned by
+    # soma_models.v1.validation; pass the revision when it takes one.
+    extra = {"protocol": revision} if "protocol" in inspect.signature(validate).parameters \
+        else {}
+    reports = [validate(path, key=key, **extra) for path, key in zip(args.weights, keys)]
     if args.json:
-        _print_json([{"weights": r.source, "ok": r.ok, "errors": r.errors,
-                      "warnings": r.warnings} for r in reports])
+        _print_json([{"weights": r.source, "protocol": revision.name, "ok": r.ok,
+                      "errors": r.errors, "warnings": r.warnings} for r in reports])
     else:
+        print(_revision_line(revision))
         for r in reports:
             print(r)
     return 0 if all(r.ok for r in reports) else 1
@@ -241,14 +311,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from soma_models.safetensors_io import SafetensorsFile
-    from soma_models.v1.schema import heads_from_metadata, infer_config, parameter_count
+    from soma_models.v1.schema import (
+        heads_from_metadata,
+        infer_config,
+        parameter_count,
+        recorded_protocol,
+    )
     from soma_models.v1.transit import decrypt_file, file_commitment
 
+    revision = _revision(args)
     path = Path(args.weights)
     if not path.is_file():
         raise UserError(f"{args.weights}: no such weights file")
     size = path.stat().st_size
-    digest = file_commitment(path)
+    digest = file_commitment(path, protocol=revision)
     source: object = path if args.key is None else decrypt_file(path, args.key)
     weights = SafetensorsFile(source)  # type: ignore[arg-type]
     weights.name = str(path)
@@ -256,7 +332,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = infer_config(shapes, source=str(path),
                           num_heads=heads_from_metadata(weights.metadata))
     stored = sum(math.prod(i.shape) for i in weights.tensors.values())
-    info = {"weights": str(path), "file_bytes": size, "commitment": digest,
+    recorded = recorded_protocol(weights.metadata)
+    info = {"weights": str(path), "protocol": revision.name, "recorded_protocol": recorded,
+            "file_bytes": size, "commitment": digest,
             "tensors": len(weights.tensors), "stored_values": stored,
             "parameters": parameter_count(config), "config": config.to_dict(),
             "metadata": weights.metadata,
@@ -264,8 +342,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
         return 0
+    print(f"protocol    {revision.name}: {revision.summary}; the file records "
+          f"{recorded if recorded else 'no revision'}")
     print(f"file        {path} ({size:,} bytes)")
-    print(f"commitment  {digest} (blake2b-256 of the file's bytes)")
+    print(f"commitment  {digest} (blake2b-256 of the file's bytes, "
+          f"{'Base58' if revision.text_encoding == 'base58' else 'hex'})")
     print(f"tensors     {len(weights.tensors)} ({', '.join(info['dtypes'])}), "
           f"{stored:,} stored values")
     print(f"parameters  {parameter_count(config):,} (V1 layout)")
@@ -274,6 +355,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"vocab_size {config.vocab_size}")
     if "soma_models.num_heads" not in weights.metadata:
         print("            (num_heads is not in the file's metadata: V1's 8 assumed)")
+    if config.embedding_dim == 2048 and config.num_layers != revision.num_layers:
+        print(f"            (the {revision.name} runtime uses {revision.num_layers} layers)")
     return 0
 
 
@@ -283,7 +366,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from soma_models.v1.configs import preset
     from soma_models.v1.initialization import write_initial_weights
 
-    base = preset(args.config)
+    revision = _revision(args)
+    base = preset(args.config, revision)
     sizes = {name: getattr(args, name) for name in
              ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim", "vocab_size")
              if getattr(args, name) is not None}
@@ -291,11 +375,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UserError(f"{output}: already exists (use --force to overwrite)")
-    write_initial_weights(output, config, seed=args.seed)
+    write_initial_weights(output, config, seed=args.seed, protocol=revision)
     from soma_models.v1.schema import parameter_count
 
     print(f"wrote {output} ({output.stat().st_size:,} bytes, "
-          f"{parameter_count(config):,} parameters, seed {args.seed})")
+          f"{parameter_count(config):,} parameters, {config.num_layers} layers, seed "
+          f"{args.seed}, protocol {revision.name})")
     return 0
 
 
@@ -340,14 +425,16 @@ def _transform_file(args: argparse.Namespace, key: str) -> None:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    import secrets
+    from soma_models.v1.transit import encode_text, file_commitment, new_key, parse_key
 
-    from soma_models.v1.transit import KEY_BYTES, file_commitment, parse_key
-
-    key = parse_key(args.key).hex() if args.key else secrets.token_bytes(KEY_BYTES).hex()
-    _transform_file(args, key)
-    print(f"key         {key}")
-    print(f"commitment  {file_commitment(args.output)} (of the encrypted file)")
+    revision = _revision(args)
+    raw_key = parse_key(args.key) if args.key else new_key()
+    _transform_file(args, raw_key.hex())
+    print(f"protocol    {revision.name} (keys and hashes in "
+          f"{'Base58' if revision.text_encoding == 'base58' else 'hex'})")
+    print(f"key         {encode_text(raw_key, revision)}")
+    print(f"commitment  {file_commitment(args.output, protocol=revision)} "
+          "(of the encrypted file)")
     return 0
 
 
@@ -362,13 +449,40 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- publish
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from soma_models.v1.registration import MANIFEST_NAME, publish
+
+    revision = _revision(args)
+    data = _read_data(args.data)
+    with _warnings_as_lines():
+        manifest = publish(args.weights, data, args.output, key=args.key, protocol=revision,
+                           framework=args.framework, device=args.device,
+                           micro_batch_size=args.micro_batch_size,
+                           progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        _print_json(manifest.to_dict())
+        return 0
+    output = Path(args.output)
+    print(_revision_line(revision))
+    print(f"wrote      {output / manifest.weights_file} ({manifest.size:,} bytes, encrypted)")
+    print(f"           {output / MANIFEST_NAME} (holds the decryption key: keep it secret "
+          "until you reveal)")
+    print(f"checksum   {manifest.checksum}")
+    print(f"embedding  {_embedding_summary(manifest.embedding)} on {args.data}, seed 0")
+    print(f"embedding commitment  {manifest.embedding_commitment}")
+    print(f"key commitment        {manifest.decryption_key_commitment}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command's parser; `command` (the chosen subcommand, if known) decides whether the
     trainer's own arguments are loaded."""
-    from soma_models.v1.configs import PRESETS, V1_BATCH_SIZE, V1_MAX_SEQ_LEN
-    from soma_models.v1.revisions import known_names
+    from soma_models.v1.configs import PRESETS
+    from soma_models.v1.revisions import REVISIONS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Score, check and prepare Soma V1 model weights exactly as the "
@@ -385,9 +499,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", required=True, type=_seed, help="u64 scoring seed")
     p.add_argument("--target", help="target embedding: a file (.npy, JSON list, or numbers) "
                                     "or an inline comma-separated list")
-    p.add_argument("--key", action="append", metavar="HEX",
-                   help="AES-256-CTR key (64 hex) of an encrypted file; repeat once per file, "
-                        "in order ('none' for an unencrypted one)")
+    p.add_argument("--key", action="append", metavar="KEY",
+                   help="AES-256-CTR key (Base58, or 64 hex) of an encrypted file; repeat once "
+                        "per file, in order ('none' for an unencrypted one)")
     p.add_argument("--framework", choices=("torch", "flax"), default="torch")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto",
@@ -396,10 +510,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="also report the loss range over the chain loader's batch orders")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--max-seq-len", type=_positive_int, default=V1_MAX_SEQ_LEN,
-                   help=f"experiments only; the chain uses {V1_MAX_SEQ_LEN}")
-    p.add_argument("--batch-size", type=_positive_int, default=V1_BATCH_SIZE,
-                   help=f"experiments only; the chain uses {V1_BATCH_SIZE}")
+    _add_protocol(p, "to score as")
+    seq_lens = ", ".join(f"{r.max_seq_len} under {n}" for n, r in REVISIONS.items())
+    batches = ", ".join(f"{r.batch_size} under {n}" for n, r in REVISIONS.items())
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help=f"experiments only; default the revision's ({seq_lens})")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"experiments only; default the revision's ({batches})")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("screen", help="screen many data samples against a target's models",
@@ -423,8 +540,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="a sample is a hit when its nearest target distance is below this")
     p.add_argument("--out", default=None,
                    help="JSONL output file (default stdout); an existing one is resumed")
-    p.add_argument("--protocol", default=None, choices=known_names(),
-                   help="V1 revision (default: SOMA_MODELS_PROTOCOL, else 0.1.7)")
+    _add_protocol(p, "to screen under (contract, SIGReg slices, key format)")
     p.add_argument("--embeddings", action="store_true",
                    help="also write the winner's embedding")
     p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto",
@@ -440,16 +556,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "shapes, dtypes, NaN/Inf values. Exit status 1 if any "
                                    "file has errors.")
     p.add_argument("weights", nargs="+")
-    p.add_argument("--key", action="append", metavar="HEX",
-                   help="decryption key, once per file ('none' for an unencrypted one)")
+    p.add_argument("--key", action="append", metavar="KEY",
+                   help="decryption key (Base58 or 64 hex), once per file ('none' for an "
+                        "unencrypted one)")
     p.add_argument("--json", action="store_true")
+    _add_protocol(p, "to check against")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("inspect", help="show a weights file's config, size and commitment")
     p.add_argument("weights")
-    p.add_argument("--key", metavar="HEX", help="decryption key if the file is encrypted "
-                                                "(the commitment is of the file as stored)")
+    p.add_argument("--key", metavar="KEY", help="decryption key (Base58 or 64 hex) if the file "
+                                                "is encrypted (the commitment is of the file "
+                                                "as stored)")
     p.add_argument("--json", action="store_true")
+    _add_protocol(p, "to report for (it sets the commitment's encoding)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("init", help="write freshly initialised weights",
@@ -458,27 +578,62 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "than its largest tensor).")
     p.add_argument("output")
     p.add_argument("--config", choices=sorted(PRESETS), default="v1",
-                   help="size preset (default v1, the on-chain architecture: 6.4 GB)")
+                   help="size preset (default v1, the on-chain architecture of the revision: "
+                        "24 layers, 4.8 GB under 0.1.7; 32 layers, 6.4 GB under 0.1.1)")
     for name in ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim", "vocab_size"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_positive_int,
                        help="override the preset's value")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    _add_protocol(p, "whose V1 to write (the file records it)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("encrypt", help="encrypt a file with AES-256-CTR for publication")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--key", metavar="HEX", help="64-hex key (default: a random one, printed)")
+    p.add_argument("--key", metavar="KEY", help="key, Base58 or 64 hex (default: a random one, "
+                                                "printed)")
+    _add_protocol(p, "whose text encoding (Base58 or hex) the key and commitment are printed in")
     p.set_defaults(func=cmd_encrypt)
 
     p = sub.add_parser("decrypt", help="decrypt an AES-256-CTR encrypted file")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--key", metavar="HEX", required=True)
+    p.add_argument("--key", metavar="KEY", required=True, help="key, Base58 or 64 hex")
     p.add_argument("--raw", action="store_true",
                    help="do not check that the result is a safetensors file")
     p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser(
+        "publish", help="get trained weights ready for registration (offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate WEIGHTS for the revision, encrypt them with AES-256-CTR (a "
+                    "fresh random key\nunless --key is given) into DIR/, and write "
+                    "DIR/manifest.json: the encrypted file's\nname, checksum and size, the "
+                    "decryption key, the embedding and the embedding and key\ncommitments "
+                    "-- what the network's commit_model and reveal_model take. Nothing is\n"
+                    "uploaded and no chain is contacted. Keep DIR/manifest.json secret until "
+                    "you reveal:\nit holds the key.\n\n"
+                    "The embedding is the running-mean embedding of the weights on DATA with "
+                    "seed 0,\ncomputed exactly as the chain scores. The chain assigns models "
+                    "to targets by the\ndistance between their registered embedding and the "
+                    "targets, so DATA should be\nrepresentative of what the model is for (a "
+                    "sample of the data it was trained on and\nis good at), not a single "
+                    "training micro-batch.")
+    p.add_argument("weights", help="plain safetensors weights file")
+    p.add_argument("--data", required=True,
+                   help="data representative of what the model is for (raw bytes)")
+    p.add_argument("--key", metavar="KEY", help="AES-256 key, Base58 or 64 hex (default: a "
+                                                "fresh random one)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output folder; must not exist yet (or be empty)")
+    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_protocol(p, "to publish for (scoring settings, Base58 or hex)")
+    p.set_defaults(func=cmd_publish)
 
     _add_train(sub, command)
     return parser

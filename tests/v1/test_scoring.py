@@ -13,6 +13,7 @@ from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.schema import param_specs
 from soma_models.v1.scoring import (
     Competition,
+    NaNLossWarning,
     Score,
     commitment,
     compete,
@@ -23,6 +24,7 @@ from soma_models.v1.scoring import (
     score,
     validate,
 )
+from soma_models.v1.transit import parse_key
 
 RTOL, ATOL = 1e-5, 1e-5
 SLICES = 48
@@ -157,7 +159,7 @@ def test_weights_given_every_way_score_the_same(tmp_path):
     assert decrypt_weights(encrypted, key) == path.read_bytes()
     model.train()
     for source, key_arg in [(path, None), (str(path), None), (path.read_bytes(), None),
-                            (model, None), (enc_path, key), (encrypted, bytes.fromhex(key))]:
+                            (model, None), (enc_path, key), (encrypted, parse_key(key))]:
         got = score(source, data, 9, key=key_arg, **kwargs)
         assert got.loss == expected.loss
         np.testing.assert_array_equal(got.embedding, expected.embedding)
@@ -345,9 +347,49 @@ def test_compete_tie_goes_to_the_first_and_zero_target_gives_nan():
         compete([weights, weights], data, 1, keys=[None], **kwargs)
 
 
+def runtime_argmin(losses):
+    """The runtime's argmin written out: a strict `<` against the best so far."""
+    best = 0
+    for i in range(1, len(losses)):
+        if losses[i] < losses[best]:
+            best = i
+    return best
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("losses, winner", [
+    ([3.0, 1.0, 1.0], 1),          # first of a tie
+    ([NAN, 2.0], 0),               # NaN at index 0 wins: nothing compares below it
+    ([NAN, 0.5, 0.1], 0),
+    ([2.0, NAN, 1.0], 2),          # NaN elsewhere is passed over
+    ([2.0, NAN], 0),
+    ([NAN, NAN], 0),
+    ([1.0, NAN, NAN], 0),
+])
+def test_nan_winner_rule(losses, winner):
+    assert pick_winner(losses) == winner == runtime_argmin(losses)
+
+
+def test_compete_warns_in_one_line_on_a_nan_loss():
+    data = data_of(40)
+    good = random_weights(SMALL, 1)
+    broken = dict(good)
+    broken["predictor.bias"] = good["predictor.bias"].copy()
+    broken["predictor.bias"][3] = np.nan
+    kwargs = {"model_config": SMALL, "sig_reg_config": SIG_REG, "max_seq_len": 16,
+              "batch_size": 2}
+    with pytest.warns(NaNLossWarning, match="index 0 is NaN, so it wins") as record:
+        result = compete([broken, good], data, 7, **kwargs)
+    assert result.winner == 0 and np.isnan(result.loss) and not np.isnan(result.losses[1])
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    with pytest.warns(NaNLossWarning, match="passed over"):
+        result = compete([good, broken], data, 7, **kwargs)
+    assert result.winner == 0 and result.loss == result.losses[0]
+
+
 def test_winner_and_distance_rules():
-    assert pick_winner([3.0, 1.0, 1.0]) == 1
-    assert pick_winner([float("nan"), 2.0]) == 1
     assert np.isnan(cosine_distance(np.zeros(4), np.ones(4)))
     np.testing.assert_allclose(cosine_distance([1, 0], [0, 1]), 1.0)
     np.testing.assert_allclose(cosine_distance([1, 1], [2, 2]), 0.0, atol=1e-7)
@@ -355,4 +397,4 @@ def test_winner_and_distance_rules():
 
 
 def test_reexports_from_scoring():
-    assert callable(validate) and len(commitment(b"")) == 64
+    assert callable(validate) and len(commitment(b"", protocol="0.1.1")) == 64

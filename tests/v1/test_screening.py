@@ -220,12 +220,14 @@ def test_cli_empty_sample(cli_files, tmp_path, capsys):
 def test_cli_wrong_key(cli_files, weights, tmp_path, capsys):
     encrypted, key = encrypt_weights(open(cli_files / "m0.safetensors", "rb").read())
     (tmp_path / "enc.safetensors").write_bytes(encrypted)
-    wrong = ("1" if key[0] != "1" else "2") + key[1:]
+    wrong = encrypt_weights(b"")[1]                   # another valid key (Base58 under 0.1.7)
     args = ["screen", "--models", str(tmp_path / "enc.safetensors"),
             str(cli_files / "m1.safetensors"), "--targets", str(cli_files / "targets.npy"),
             "--data", str(cli_files / "samples" / "one.bin"), "--quiet"]
     assert main([*args, "--key", wrong, "--key", "none"]) == 1
     assert_one_line_error(capsys.readouterr().err, "wrong decryption key?")
+    assert main([*args, "--key", "not-a-key", "--key", "none"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "decryption key must be")
     assert main([*args, "--key", key]) == 1                       # one key for two models
     assert_one_line_error(capsys.readouterr().err, "got 1 --key for 2 weights file(s)")
     assert main([*args, "--key", key, "--key", "none"]) == 0

@@ -19,6 +19,7 @@ _LAZY = {
     "ModelConfig": "soma_models.v1.configs",
     "SIGRegConfig": "soma_models.v1.configs",
     "tokenize": "soma_models.v1.tokenizer",
+    "publish": "soma_models.v1.registration",
 }
 
 __all__ = ["ARCHITECTURE_VERSION", *_LAZY]

@@ -51,8 +51,10 @@ def initial_std(spec: ParamSpec, config: ModelConfig) -> float:
     return INIT_STD
 
 
-def write_initial_weights(path: str | os.PathLike, config: ModelConfig, seed: int = 0) -> None:
-    """Write fresh canonical weights for `config` to `path` atomically."""
+def write_initial_weights(path: str | os.PathLike, config: ModelConfig, seed: int = 0, *,
+                          protocol: str | None = None) -> None:
+    """Write fresh canonical weights for `config` to `path` atomically (the metadata
+    records revision `protocol`; None: the process-wide one)."""
     lazy = {spec.key: _LazyTensor(spec, initial_std(spec, config), seed, index)
             for index, spec in enumerate(param_specs(config))}
-    save_file(path, lazy, file_metadata(config))  # type: ignore[arg-type]
+    save_file(path, lazy, file_metadata(config, protocol))  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """SIGReg's fixed quadrature grid and the on-chain noise stream, framework-free.
 
 The runtime draws the SIGReg projection noise for batch `k` of an evaluation as
-`arrgen.normal_array(seed + k, [embedding_dim, slices], 0.0, 1.0)` (SPEC §6);
+`arrgen.normal_array(seed + k, [embedding_dim, slices], 0.0, 1.0)` with `seed + k` in u64
+arithmetic, wrapping at 2^64 (SPEC §6);
 `soma-arrgen` reproduces that stream bit for bit.
 """
 
@@ -27,10 +28,8 @@ def scoring_noise(seed: int, batch_index: int, embedding_dim: int, slices: int) 
     """The `[embedding_dim, slices]` float32 noise the runtime uses for batch `batch_index`."""
     import arrgen
 
-    stream_seed = check_seed(seed) + batch_index
-    if stream_seed > U64_MAX:
-        # The runtime adds in u64; past the top it would overflow. Refuse rather than guess.
-        raise ValueError(f"seed + batch index = {stream_seed} overflows a u64")
+    # The runtime adds in u64, which wraps at 2^64 (SPEC §6): seed 2^64 - 1, batch 1 -> 0.
+    stream_seed = (check_seed(seed) + batch_index) & U64_MAX
     noise = arrgen.normal_array(stream_seed, [embedding_dim, slices], 0.0, 1.0)
     return np.asarray(noise, dtype=np.float32)
 

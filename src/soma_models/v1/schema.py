@@ -20,10 +20,13 @@ import numpy as np
 from soma_models.errors import WeightsError
 from soma_models.safetensors_io import SafetensorsFile, format_dtype
 from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
-from soma_models.v1.revisions import ARCHITECTURE_VERSION
+from soma_models.v1.revisions import ARCHITECTURE_VERSION, Revision, resolve
+
 METADATA_VERSION_KEY = "soma_models.architecture_version"
 # Heads cannot be read off the shapes; we record them (the runtime ignores metadata).
 METADATA_HEADS_KEY = "soma_models.num_heads"
+# The revision (SPEC §1) the writer worked under; informational, the runtime ignores it.
+METADATA_PROTOCOL_KEY = "soma_models.protocol"
 CANONICAL_DTYPE = "F32"
 
 Kind = Literal["embedding", "linear_weight", "linear_bias", "norm_gamma", "norm_beta"]
@@ -92,9 +95,18 @@ class SchemaCheck:
         return not self.errors
 
 
-def file_metadata(config: ModelConfig) -> dict[str, str]:
-    """Header metadata written with every weights file."""
-    return {METADATA_VERSION_KEY: str(ARCHITECTURE_VERSION), METADATA_HEADS_KEY: str(config.num_heads)}
+def file_metadata(config: ModelConfig, protocol: str | Revision | None = None) -> dict[str, str]:
+    """Header metadata written with every weights file: architecture version, heads, and
+    the revision `protocol` (None: the process-wide one) the file was written for."""
+    return {METADATA_VERSION_KEY: str(ARCHITECTURE_VERSION),
+            METADATA_HEADS_KEY: str(config.num_heads),
+            METADATA_PROTOCOL_KEY: resolve(protocol).name}
+
+
+def recorded_protocol(metadata: Mapping[str, str]) -> str | None:
+    """The revision a file says it was written for (None for files that do not say)."""
+    value = metadata.get(METADATA_PROTOCOL_KEY)
+    return value if isinstance(value, str) and value else None
 
 
 def heads_from_metadata(metadata: Mapping[str, str]) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from soma_models.errors import WeightsFormatError
-from soma_models.safetensors_io import describe_source
+from soma_models.safetensors_io import SafetensorsFile, describe_source
 from soma_models.v1.backend import PieceTerms, ScoringBackend
 from soma_models.v1.batch_order import (
     BatchOrderRange,
@@ -35,13 +36,10 @@ from soma_models.v1.batch_order import (
     feasible_slots,
     order_count,
 )
-from soma_models.v1.configs import (
-    V1_BATCH_SIZE,
-    V1_MAX_SEQ_LEN,
-    ModelConfig,
-    SIGRegConfig,
-)
+from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.noise import check_seed, scoring_noise
+from soma_models.v1.revisions import Revision, resolve
+from soma_models.v1.schema import recorded_protocol
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches, num_batches
 from soma_models.v1.transit import (
     commitment,
@@ -75,9 +73,12 @@ class Score:
     embedding: np.ndarray
     batch_losses: np.ndarray
     range: BatchOrderRange | None = None
+    #: The revision whose settings computed it ("0.1.1" or "0.1.7").
+    protocol: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"loss": self.loss, "embedding": self.embedding.tolist()}
+        out: dict[str, Any] = {"protocol": self.protocol, "loss": self.loss,
+                               "embedding": self.embedding.tolist()}
         if self.range is not None:
             out["range"] = {"low": self.range.low, "high": self.range.high,
                             "exact": self.range.exact, "orders": self.range.orders}
@@ -88,7 +89,9 @@ class Score:
 class Competition:
     """Several weights scored on the same data and seed (SPEC §7).
 
-    winner: index of the lowest loss (first on ties; NaN losses never win unless all are NaN).
+    winner: the runtime's argmin over the losses in input order (SPEC §7): the first one
+        wins a tie; a NaN at index 0 wins (nothing compares below it), a NaN elsewhere
+        is passed over.
     distance: cosine distance between the winner's embedding and the target (NaN when
         either vector is zero; None when no target was given).
     """
@@ -99,9 +102,10 @@ class Competition:
     distance: float | None
     losses: list[float]
     scores: list[Score] = field(repr=False)
+    protocol: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"winner": self.winner, "loss": self.loss, "embedding": self.embedding.tolist(),
+        return {"protocol": self.protocol, "winner": self.winner, "loss": self.loss, "embedding": self.embedding.tolist(),
                 "distance": self.distance, "losses": self.losses}
 
 
@@ -149,10 +153,39 @@ def model_framework(weights: object) -> str | None:
     return None
 
 
+class RevisionMismatchWarning(UserWarning):
+    """A weights file records another revision than the one it is scored under."""
+
+
+class NaNLossWarning(UserWarning):
+    """A model's loss is NaN (the competition's argmin treats it specially, SPEC §7)."""
+
+
+def _warn_on_recorded_revision(source: object, weights: object, revision: Revision) -> None:
+    """One line when the file says it was written for another revision than `revision`."""
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return
+    try:
+        recorded = recorded_protocol(SafetensorsFile(source).metadata)  # type: ignore[arg-type]
+    except (WeightsFormatError, OSError, ValueError):
+        return  # the backend reports a damaged file properly
+    if recorded is not None and recorded != revision.name:
+        warnings.warn(f"{describe_source(weights)} was written for protocol revision "
+                      f"{recorded}; scoring it under {revision.name}", RevisionMismatchWarning,
+                      stacklevel=4)
+
+
 def load_backend(weights: object, *, model_config: ModelConfig | None = None,
                  sig_reg_config: SIGRegConfig | None = None, framework: str = "torch",
-                 device: object = None, key: object | None = None) -> ScoringBackend:
-    """Open `weights` (path, bytes, canonical arrays or a loaded model) for scoring."""
+                 device: object = None, key: object | None = None,
+                 protocol: str | Revision | None = None) -> ScoringBackend:
+    """Open `weights` (path, bytes, canonical arrays or a loaded model) for scoring.
+
+    protocol: the revision scored under (None: the process-wide one); it gives the SIGReg
+        settings when `sig_reg_config` is None, and a file recording another revision in
+        its metadata gets a `RevisionMismatchWarning`.
+    """
+    revision = resolve(protocol)
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
     loaded = model_framework(weights)
@@ -163,7 +196,8 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
         # Before importing a framework: that takes seconds, a typo should not.
         raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
     source = decrypt_source(weights, key)
-    sig_reg_config = sig_reg_config or SIGRegConfig()
+    _warn_on_recorded_revision(source, weights, revision)
+    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
     try:
         if framework == "torch":
             from soma_models.v1.torch.evaluate import TorchBackend as backend_cls
@@ -281,15 +315,18 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
 
 def score_backend(backend: ScoringBackend, data: object, seed: int, *,
                   sig_reg_config: SIGRegConfig | None = None,
-                  max_seq_len: int = V1_MAX_SEQ_LEN, batch_size: int = V1_BATCH_SIZE,
+                  max_seq_len: int | None = None, batch_size: int | None = None,
                   micro_batch_size: int | str | None = None, batch_order_range: bool = False,
                   progress: bool = False, noise: NoiseSource | None = None,
-                  desc: str = "scoring") -> Score:
+                  desc: str = "scoring", protocol: str | Revision | None = None) -> Score:
     """Score an opened backend (see `score` for the arguments)."""
     seed = check_seed(seed)
+    revision = resolve(protocol)
+    max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
+    batch_size = revision.batch_size if batch_size is None else batch_size
     config = backend.config
     config.require_contract_vocab()
-    sig_reg_config = sig_reg_config or SIGRegConfig()
+    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
     batches: Iterator[ArrayBatch] = iter_batches(
         data, max_seq_len, batch_size)  # type: ignore[arg-type]
     n_batches = num_batches(_data_length(data), max_seq_len, batch_size)
@@ -326,15 +363,21 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
         order_range = BatchOrderRange(low=(fixed + low) / n_batches,
                                       high=(fixed + high) / n_batches, exact=exact,
                                       orders=order_count(n_batches), n_batches=n_batches)
-    return Score(float(means.loss), means.embedding, batch_losses, order_range)
+    return Score(float(means.loss), means.embedding, batch_losses, order_range, revision.name)
 
 
 def score(weights: object, data: object, seed: int, *, model_config: ModelConfig | None = None,
-          sig_reg_config: SIGRegConfig | None = None, max_seq_len: int = V1_MAX_SEQ_LEN,
-          batch_size: int = V1_BATCH_SIZE, framework: str = "torch", device: object = None,
+          sig_reg_config: SIGRegConfig | None = None, max_seq_len: int | None = None,
+          batch_size: int | None = None, framework: str = "torch", device: object = None,
           micro_batch_size: int | str | None = None, progress: bool = False,
-          key: object | None = None, batch_order_range: bool = False) -> Score:
+          key: object | None = None, batch_order_range: bool = False,
+          protocol: str | Revision | None = None) -> Score:
     """Score `weights` on `data` with `seed` exactly as the chain does (SPEC §6).
+
+    protocol: the revision whose runtime is reproduced: "0.1.7" (alias "latest"; the
+        network) or "0.1.1" (the product page). None: `SOMA_MODELS_PROTOCOL` as read at
+        import, else "0.1.7". It gives `max_seq_len`, `batch_size` and `sig_reg_config`
+        whenever those are None (give them only for experiments), and `Score.protocol`.
 
     weights: path, bytes, dict of canonical arrays, or a loaded torch/Flax `Model`
         (config inferred from the shapes when `model_config` is None; heads from the
@@ -345,7 +388,7 @@ def score(weights: object, data: object, seed: int, *, model_config: ModelConfig
     micro_batch_size: rows per forward pass (None: whole batches; "auto": bounded memory).
         Only memory changes, not the result (up to float32 summation order).
     progress: tqdm progress bar on stderr.
-    key: AES-256-CTR key (32 bytes or 64 hex) when the weights are encrypted.
+    key: AES-256-CTR key (Base58, 64 hex or 32 bytes) when the weights are encrypted.
     batch_order_range: also compute `Score.range`, the lowest and highest loss over the
         loader's possible batch orders (costs about 3n/4 more SIGReg evaluations per batch).
     """
@@ -353,7 +396,7 @@ def score(weights: object, data: object, seed: int, *, model_config: ModelConfig
                    sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
                    batch_size=batch_size, framework=framework, device=device,
                    micro_batch_size=micro_batch_size, progress=progress,
-                   batch_order_range=batch_order_range).scores[0]
+                   batch_order_range=batch_order_range, protocol=protocol).scores[0]
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -370,29 +413,51 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pick_winner(losses: Sequence[float]) -> int:
-    """Index of the lowest loss, the first on ties; NaN ranks last."""
+    """The runtime's argmin (SPEC §7): keep the first loss, move on only to a strictly
+    smaller one. Ties go to the first; NaN compares below nothing and nothing compares
+    below NaN, so a NaN at index 0 wins and a NaN elsewhere is passed over."""
     if not losses:
         raise ValueError("no models to compare")
-    ranked = [np.inf if np.isnan(x) else x for x in losses]
-    return int(np.argmin(ranked))  # argmin returns the first minimum
+    best = 0
+    for i, loss in enumerate(losses):
+        if loss < losses[best]:
+            best = i
+    return best
+
+
+def nan_loss_message(losses: Sequence[float], names: Sequence[str] | None = None) -> str | None:
+    """One line about the NaN losses of a competition (None when there are none)."""
+    bad = [i for i, loss in enumerate(losses) if np.isnan(loss)]
+    if not bad:
+        return None
+    label = ", ".join(names[i] if names is not None else f"#{i}" for i in bad)
+    rule = ("index 0 is NaN, so it wins: the runtime's argmin finds nothing below it"
+            if bad[0] == 0 else "a NaN loss is passed over by the runtime's argmin")
+    return f"NaN loss for {label}: {rule}"
 
 
 def compete(weights_list: Sequence[object], data: object, seed: int,
             target: object | None = None, keys: Sequence[object | None] | None = None, *,
             model_config: ModelConfig | None = None, sig_reg_config: SIGRegConfig | None = None,
-            max_seq_len: int = V1_MAX_SEQ_LEN, batch_size: int = V1_BATCH_SIZE,
+            max_seq_len: int | None = None, batch_size: int | None = None,
             framework: str = "torch", device: object = None,
             micro_batch_size: int | str | None = None, progress: bool = False,
             batch_order_range: bool = False,
-            on_score: Callable[[int, Score], None] | None = None) -> Competition:
+            on_score: Callable[[int, Score], None] | None = None,
+            protocol: str | Revision | None = None) -> Competition:
     """Score every weights on the same data and seed; the lowest loss wins (SPEC §7).
 
     target: `[D]` embedding the winner is compared with (cosine distance), or None.
     keys: one decryption key (or None) per weights.
     on_score: called with `(index, score)` as each model finishes.
-    Other arguments as for `score`. Models are loaded one at a time (memory holds one
-    model); the noise is drawn once and shared while it fits a 1 GiB cache.
+    Other arguments as for `score` (`protocol` picks the revision). Models are loaded one
+    at a time (memory holds one model); the noise is drawn once and shared while it fits a
+    1 GiB cache. A NaN loss gets one `NaNLossWarning` line.
     """
+    revision = resolve(protocol)
+    max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
+    batch_size = revision.batch_size if batch_size is None else batch_size
+    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
     weights_list = list(weights_list)
     if not weights_list:
         raise ValueError("compete needs at least one weights file")
@@ -410,23 +475,29 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
     for i, (weights, key) in enumerate(zip(weights_list, keys)):
         backend = load_backend(weights, model_config=model_config,
                                sig_reg_config=sig_reg_config, framework=framework,
-                               device=device, key=key)
+                               device=device, key=key, protocol=revision)
         desc = f"scoring {i + 1}/{len(weights_list)}" if len(weights_list) > 1 else "scoring"
         result = score_backend(backend, data, seed, sig_reg_config=sig_reg_config,
                                max_seq_len=max_seq_len, batch_size=batch_size,
                                micro_batch_size=micro_batch_size,
                                batch_order_range=batch_order_range, progress=progress,
-                               noise=noise, desc=desc)
+                               noise=noise, desc=desc, protocol=revision)
         del backend  # free this model before loading the next
         scores.append(result)
         if on_score is not None:
             on_score(i, result)
     losses = [s.loss for s in scores]
     winner = pick_winner(losses)
+    message = nan_loss_message(losses, [describe_source(w) if isinstance(
+        w, (str, os.PathLike)) else f"#{i}" for i, w in enumerate(weights_list)])
+    if message is not None:
+        warnings.warn(message, NaNLossWarning, stacklevel=2)
     best = scores[winner]
     distance = None if target is None else cosine_distance(best.embedding, np.asarray(target))
-    return Competition(winner, best.loss, best.embedding, distance, losses, scores)
+    return Competition(winner, best.loss, best.embedding, distance, losses, scores,
+                       revision.name)
 
 
-__all__ = ["Competition", "Report", "Score", "commitment", "compete", "decrypt_weights",
+__all__ = ["Competition", "NaNLossWarning", "Report", "RevisionMismatchWarning", "Score",
+           "commitment", "compete", "decrypt_weights",
            "encrypt_weights", "score", "validate"]

@@ -226,6 +226,7 @@ class Screener:
             raise ValueError(f"got {len(keys)} keys for {len(weights_list)} models; give one "
                              "per model (None for an unencrypted one)")
         revision = resolve(protocol)
+        self.revision = revision
         self.seed = check_seed(seed)
         self.max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
         self.batch_size = revision.batch_size if batch_size is None else batch_size
@@ -242,7 +243,7 @@ class Screener:
         for weights, key in zip(weights_list, keys):
             backend = load_backend(weights, model_config=model_config,
                                    sig_reg_config=self.sig_reg_config, framework=framework,
-                                   device=device, key=key)
+                                   device=device, key=key, protocol=revision)
             backend.config.require_contract_vocab()
             self.backends.append(backend)
             self._check_dims(weights, backend.config.embedding_dim)

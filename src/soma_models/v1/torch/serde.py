@@ -49,13 +49,16 @@ def canonical_arrays(model: Model) -> dict[str, np.ndarray]:
     return out
 
 
-def save(model: Model, path: str | os.PathLike) -> None:
-    """Write canonical weights atomically (temporary file in the same folder, then rename)."""
-    save_file(path, canonical_arrays(model), file_metadata(model.config))
+def save(model: Model, path: str | os.PathLike, *, protocol: str | None = None) -> None:
+    """Write canonical weights atomically (temporary file in the same folder, then rename).
+
+    The metadata records the revision `protocol` (None: the process-wide one)."""
+    save_file(path, canonical_arrays(model), file_metadata(model.config, protocol))
 
 
-def to_bytes(model: Model) -> bytes:
-    return _to_bytes(canonical_arrays(model), file_metadata(model.config))
+def to_bytes(model: Model, *, protocol: str | None = None) -> bytes:
+    """The canonical file's bytes (metadata records revision `protocol`)."""
+    return _to_bytes(canonical_arrays(model), file_metadata(model.config, protocol))
 
 
 def _adopt(arr: np.ndarray) -> torch.Tensor:
