@@ -9,10 +9,11 @@ for the batch's raw terms, and combines them the runtime's way:
     emb_k  = mean over rows of (mean over positions of reps_k)
     m_k    = m_{k-1} + (x_k - m_{k-1}) / k                            # each batch weighs the same
 
-A backend only computes `PieceTerms` for some rows of a batch (`micro_batch_size` splits
-batches into pieces to bound memory; the terms are sums, so the pieces add up to the
-whole batch's). Everything else -- the contract, the noise, the running means, the
-batch-order range, competitions -- lives here once.
+A backend only computes `PieceTerms` (`soma_models.v1.backend`) for some rows of a batch
+(`micro_batch_size` splits batches into pieces to bound memory; the terms are sums, so the
+pieces add up to the whole batch's). Everything else -- the contract, the noise, the
+per-batch combination (`BatchResult`) and running means (`RunningMeans`), the batch-order
+range, competitions -- lives here once; `soma_models.v1.screening` reuses them.
 """
 
 from __future__ import annotations
