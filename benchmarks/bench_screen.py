@@ -41,7 +41,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 samples, tiny models")
     parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--groups", type=int, default=4, help="alternated timing groups")
+    parser.add_argument("--groups", type=int, default=8, help="alternated timing groups")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--micro-batch-size", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -99,8 +99,12 @@ def main() -> None:
                 np.testing.assert_allclose(s.losses, c.losses, rtol=1e-6, atol=0)
                 if s.winner != c.winner or abs(s.distances[0] - c.distance) > 1e-5:
                     sys.exit(f"{s.sample}: screen and compete disagree")
-            print(f"  group {g + 1}/{args.groups}: {len(group)} samples, done "
-                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+            done = sum(len(m) for m in groups[:g + 1])
+            loop, scr = totals["loop"], totals["screen"]
+            print(f"  after group {g + 1}/{args.groups} ({done} samples, load average "
+                  f"{os.getloadavg()[0]:.1f}): loop {loop[0]:.1f} s wall / {loop[1]:.1f} s CPU, "
+                  f"screen {scr[0]:.1f} s / {scr[1]:.1f} s: {loop[0] / scr[0]:.2f}x wall, "
+                  f"{loop[1] / scr[1]:.2f}x CPU", flush=True)
     print(f"{'path':<18}{'wall s':>9}{'samples/s':>11}{'CPU s':>9}")
     for name, (wall, cpu) in totals.items():
         label = "compete per sample" if name == "loop" else "screen"
