@@ -25,11 +25,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,8 +141,9 @@ def _staging_folder(output: Path) -> Iterator[Path]:
 
     An exception or SIGTERM removes it here; a SIGKILL leaves it to the watchdog process.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output)}{os.getpid()}.",
-                                    dir=output.parent))
+    # The name is chosen, and the watchdog told, before the folder exists: no moment in
+    # which a kill would leave an unguarded folder behind.
+    staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}.{secrets.token_hex(6)}"
     watchdog = None
     try:
         watchdog = subprocess.Popen(
@@ -153,6 +154,7 @@ def _staging_folder(output: Path) -> Iterator[Path]:
         pass  # no watchdog: an exception still cleans up, a stale folder is removed later
     finished = False
     try:
+        staging.mkdir(mode=0o700)
         yield staging
         finished = not staging.exists()
     finally:
