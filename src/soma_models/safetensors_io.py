@@ -17,13 +17,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from soma_models.atomic import atomic_write
 from soma_models.errors import WeightsFormatError
 
 DTYPES: dict[str, np.dtype] = {
@@ -220,37 +220,6 @@ def serialize(
 
 def to_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     return b"".join(p if isinstance(p, bytes) else p.data for p in serialize(arrays, metadata))
-
-
-def atomic_write(path: PathLike, pieces: Iterable[bytes | np.ndarray]) -> None:
-    """Write `pieces` (bytes or arrays) to `path` atomically.
-
-    The data goes to a temporary file in the same folder, is flushed and fsynced, then
-    renamed over `path`: readers see the old file or the new one, never a partial one.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for piece in pieces:
-                # Arrays are C-contiguous here (serialize made them so): write their buffer.
-                fh.write(piece.data if isinstance(piece, np.ndarray) else piece)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_file(path: PathLike, arrays: Mapping[str, np.ndarray],
