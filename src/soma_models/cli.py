@@ -211,14 +211,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from soma_models.v1.validation import validate
 
     keys = _keys_for(args.weights, args.key)
-    reports = [validate(path, key=key) for path, key in zip(args.weights, keys)]
+    protocol = getattr(args, "protocol", None)
+    reports = [validate(path, key=key, protocol=protocol) for path, key in zip(args.weights, keys)]
     if args.json:
-        _print_json([{"weights": r.source, "ok": r.ok, "errors": r.errors,
-                      "warnings": r.warnings} for r in reports])
+        _print_json([r.to_dict() for r in reports])
     else:
         for r in reports:
             print(r)
-    return 0 if all(r.ok for r in reports) else 1
+    # Refused files, and accepted ones whose loss would be NaN, fail the check.
+    return 0 if all(r.ok and not r.non_finite for r in reports) else 1
 
 
 # --------------------------------------------------------------------------- inspect
@@ -386,9 +387,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("validate", help="check weights files as the chain will load them",
-                       description="Report every problem of each file: format, header, keys, "
-                                   "shapes, dtypes, NaN/Inf values. Exit status 1 if any "
-                                   "file has errors.")
+                       description="Report every problem of each file, separating what makes "
+                                   "the runtime refuse it (format, header, keys, shapes, "
+                                   "unmapped dtypes, too few layers) from what it accepts but "
+                                   "scores other than the file suggests (NaN/Inf values, extra "
+                                   "layers, converted dtypes). Exit status 1 if a file is "
+                                   "refused or holds NaN/Inf values.")
     p.add_argument("weights", nargs="+")
     p.add_argument("--key", action="append", metavar="HEX",
                    help="decryption key, once per file ('none' for an unencrypted one)")
