@@ -13,7 +13,7 @@ from soma_models.errors import WeightsFormatError
 from soma_models.safetensors_io import (
     SafetensorsFile,
     bfloat16_to_float32,
-    parse_header,
+    read_header,
     to_bytes,
     to_float32,
 )
@@ -129,15 +129,30 @@ def test_directory_and_missing_paths_are_named(tmp_path):
         SafetensorsFile(tmp_path / "nope")
 
 
-def test_parse_header_from_a_prefix():
+def test_read_header_reads_only_the_header(tmp_path):
     raw = to_bytes({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"k": "v"})
-    n = struct.unpack("<Q", raw[:8])[0]
-    header, problems = parse_header(raw[:8 + n], len(raw), "prefix")
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(raw)
+    header, problems = read_header(path)
     assert problems == [] and header.tensors["x"].shape == (2, 3)
     assert header.metadata == {"k": "v"}
-    # The same prefix with the wrong total length: the layout no longer covers the file.
-    _, problems = parse_header(raw[:8 + n], len(raw) + 4, "prefix")
-    assert problems and "4 bytes after the last tensor" in problems[0]
+    # Through a decoding (here: XOR with a fixed byte, as a stand-in for a stream cipher).
+    path.write_bytes(bytes(b ^ 0x5A for b in raw))
+    seen = []
+
+    def decode(data: bytes) -> bytes:
+        seen.append(len(data))
+        return bytes(b ^ 0x5A for b in data)
+
+    header, problems = read_header(path, decode=decode)
+    assert problems == [] and header.tensors["x"].shape == (2, 3)
+    assert max(seen) < len(raw)  # the data buffer itself was never read
+    # A file whose data were cut off: the header no longer matches the file's size.
+    path.write_bytes(raw[:-4])
+    _, problems = read_header(path)
+    assert any("'x'" in p and "outside" in p for p in problems)
+    with pytest.raises(WeightsFormatError, match="not a safetensors file"):
+        read_header(path, decode=lambda data: bytes(b ^ 0xFF for b in data))
 
 
 # --------------------------------------------------------------------------- conversions

@@ -26,9 +26,10 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -231,19 +232,36 @@ def header_length(first_bytes: bytes) -> int:
     return struct.unpack("<Q", first_bytes[:8])[0]
 
 
-def parse_header(prefix: bytes | memoryview, total: int, name: str = "<bytes>",
-                 path: PathLike | None = None) -> tuple[Header, list[str]]:
-    """Parse the header at the start of a `total`-byte file (`prefix`: at least its first
-    8 + N bytes). Returns the header and the problems that make the runtime's parser refuse
-    the file; raises `WeightsFormatError` (naming `name`) when it is not safetensors at all.
-    `path`, when given, is the file itself (checked by the crate directly).
+def read_header(path: PathLike, *,
+                decode: Callable[[bytes], bytes] | None = None) -> tuple[Header, list[str]]:
+    """Read only a file's header (its first 8 + N bytes) and check it against the file's size.
+
+    decode: applied to the bytes read from the start of the file (e.g. a stream cipher's
+        decryption, whose output at offset 0 does not depend on what follows).
+    Returns the header and the problems that make the runtime's parser refuse the file;
+    raises `WeightsFormatError` when it is not safetensors at all, FileNotFoundError /
+    IsADirectoryError naming the path.
     """
-    raw = memoryview(prefix).cast("B")
-    if len(raw) < total and len(raw) >= 8:
-        n = header_length(bytes(raw[:8]))
-        if 8 + n > len(raw) and 8 + n <= min(total, MAX_HEADER_BYTES + 8):
-            raise ValueError(f"{name}: parse_header needs the first {8 + n} bytes")
-    return _parse_header(raw, total, name, path)
+    name = os.fspath(path)
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"{name}: is a directory, expected a weights file")
+    if not file.exists():
+        raise FileNotFoundError(f"{name}: no such weights file")
+    total = file.stat().st_size
+
+    def read(fh: BinaryIO, count: int) -> bytes:
+        fh.seek(0)
+        raw = fh.read(count)
+        return raw if decode is None else decode(raw)
+
+    with open(file, "rb") as fh:
+        first = read(fh, 8)
+        if len(first) == 8:
+            n = header_length(first)
+            if n <= MAX_HEADER_BYTES and 8 + n <= total:
+                first = read(fh, 8 + n)
+    return _parse_header(memoryview(first), total, name, path if decode is None else None)
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
