@@ -37,19 +37,19 @@ CASES = [
     ("BF16", '{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}', 4),
     ("unknown dtype", '{"a":{"dtype":"XX","shape":[2],"data_offsets":[0,4]}}', 4),
     ("non-string dtype", '{"a":{"dtype":["F32"],"shape":[2],"data_offsets":[0,8]}}', 8),
-    ("dims overflow", '{"a":{"dtype":"F32","shape":[9223372036854775808,2],'
-     '"data_offsets":[0,8]}}', 8),
-    ("dim >= 2^63 times 0", '{"a":{"dtype":"F32","shape":[9223372036854775808,0],'
-     '"data_offsets":[0,0]}}', 0),
-    ("dim >= 2^64", '{"a":{"dtype":"F32","shape":[18446744073709551616],'
-     '"data_offsets":[0,8]}}', 8),
-    ("byte size overflows", '{"a":{"dtype":"F64","shape":[2305843009213693952],'
-     '"data_offsets":[0,8]}}', 8),
+    ("dims overflow", ('{"a":{"dtype":"F32","shape":[9223372036854775808,2],'
+     '"data_offsets":[0,8]}}'), 8),
+    ("dim >= 2^63 times 0", ('{"a":{"dtype":"F32","shape":[9223372036854775808,0],'
+     '"data_offsets":[0,0]}}'), 0),
+    ("dim >= 2^64", ('{"a":{"dtype":"F32","shape":[18446744073709551616],'
+     '"data_offsets":[0,8]}}'), 8),
+    ("byte size overflows", ('{"a":{"dtype":"F64","shape":[2305843009213693952],'
+     '"data_offsets":[0,8]}}'), 8),
     ("gap before", '{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}', 12),
     ("trailing bytes", json.dumps({"a": F32x2}), 12),
     ("truncated", json.dumps({"a": F32x2}), 4),
-    ("overlap", '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-     '"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}', 12),
+    ("overlap", ('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+     '"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}'), 12),
     ("size mismatch", '{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', 8),
     ("negative dim", '{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}', 8),
     ("float dim", '{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', 8),
