@@ -354,3 +354,22 @@ def test_zero_target_explains_the_nan_distance(files):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("soma-models: warning: distance is NaN")
     assert "target embedding is all zeros" in lines[0]
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "dtype must be a string"),
+    ({"dtype": "F32", "shape": [2**63, 2], "data_offsets": [0, 8]}, "overflows"),
+    ({"dtype": "F32", "shape": [2**64], "data_offsets": [0, 8]}, "[0, 2^64)"),
+])
+def test_crafted_headers_are_one_line_errors(entry, fragment, files, tmp_path, capsys):
+    encoded = json.dumps({"embedding.weight": entry}).encode()
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(8))
+    data = str(files / "data.bin")
+    for argv in (["inspect", str(crafted)],
+                 ["score", str(crafted), "--data", data, "--seed", "1", *SIZES]):
+        assert main(argv) == 1
+        assert_one_line_error(capsys.readouterr().err, str(crafted), fragment)
+    assert main(["validate", str(crafted)]) == 1
+    out = capsys.readouterr().out
+    assert "refused" in out and fragment in out and "unhashable" not in out
