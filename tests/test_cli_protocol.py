@@ -130,3 +130,20 @@ def test_precedence_argument_then_environment_then_default(files):
     assert json.loads(default.stdout)["protocol"] == "0.1.7"
     assert json.loads(explicit.stdout)["loss"] == json.loads(default.stdout)["loss"]
     assert json.loads(by_env.stdout)["loss"] != json.loads(default.stdout)["loss"]
+
+
+def test_a_nan_loss_is_one_warning_line(files, tmp_path, capsys):
+    from soma_models.safetensors_io import SafetensorsFile, save_file
+
+    source = SafetensorsFile(files / "w.safetensors")
+    arrays = {k: np.array(source.array(k)) for k in source.tensors}
+    arrays["predictor.bias"][5] = np.nan
+    broken = tmp_path / "nan.safetensors"
+    save_file(broken, arrays, dict(source.metadata))
+    good, data = str(files / "w.safetensors"), str(files / "data.bin")
+    for order, winner in (([str(broken), good], 0), ([good, str(broken)], 0)):
+        assert main(["score", *order, "--data", data, "--seed", "2", "--quiet", *SHORT]) == 0
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if "NaN loss" in line]
+        assert len(lines) == 1 and lines[0].startswith("soma-models: warning: ")
+        assert f"winner     {order[winner]} (#{winner + 1})" in captured.out

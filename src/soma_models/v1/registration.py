@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,9 +237,14 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
         raise PublishError("data is empty: the embedding needs at least one byte "
                            "(the runtime refuses empty data)")
 
-    report = validate(source, **_validate_protocol(validate, revision))
+    report = validate(source, protocol=revision)
     if not report.ok:
         raise PublishError(f"{source}: not publishable: " + "; ".join(report.errors))
+    if report.non_finite:
+        raise PublishError(f"{source}: not publishable: {report.non_finite} NaN/Inf value(s) "
+                           "(the runtime would score it NaN)")
+    for caveat in report.caveats:  # accepted by the runtime, but worth a line
+        warnings.warn(f"{source}: {caveat}", UserWarning, stacklevel=2)
     embedding = score(source, data_view, EMBEDDING_SEED, protocol=revision,
                       framework=framework, device=device, micro_batch_size=micro_batch_size,
                       progress=progress).embedding
@@ -262,13 +268,6 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
                 data_size=data_view.nbytes)
             _finish(staging, output, manifest)
     return manifest
-
-
-def _validate_protocol(validate: Any, revision: Revision) -> dict[str, Any]:
-    """`protocol=` for `validate` when it takes one (the revision's layer-count rule)."""
-    import inspect
-
-    return {"protocol": revision} if "protocol" in inspect.signature(validate).parameters else {}
 
 
 def _encrypt_into(source: Path, raw_key: bytes, target: Path) -> tuple[bytes, int]:
