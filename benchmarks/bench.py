@@ -9,6 +9,8 @@ Sections:
            seq 8192: forward + on-chain loss (1024 SIGReg slices). Wall time, peak RSS,
            achieved GFLOP/s (causal attention counted at half its square) and its ratio
            to a plain float32 matmul measured in the same run.
+  eval-0.1.7  the same layer at revision "0.1.7"'s evaluation shape: batch 16 x seq 1024,
+           256 SIGReg slices (what the network scores today; SPEC §1).
   scaling  peak RSS and time against sequence length, both paths.
   train    tokens/s of forward + backward + AdamW on a mid-size config.
 
@@ -63,6 +65,8 @@ class TrainCase:
 FULL = {
     "eval": {"dim": 2048, "heads": 8, "hidden": 8192, "layers": 1, "vocab": 264, "batch": 1,
              "seq": 8192, "slices": 1024},
+    "eval-0.1.7": {"dim": 2048, "heads": 8, "hidden": 8192, "layers": 1, "vocab": 264,
+                   "batch": 16, "seq": 1024, "slices": 256},
     "scaling": [1024, 2048, 4096, 8192],
     "train": {"dim": 512, "heads": 8, "hidden": 2048, "layers": 8, "vocab": 264, "batch": 8,
               "seq": 1024, "slices": 1024, "steps": 3},
@@ -71,6 +75,8 @@ FULL = {
 QUICK = {
     "eval": {"dim": 128, "heads": 4, "hidden": 512, "layers": 1, "vocab": 264, "batch": 1,
              "seq": 512, "slices": 64},
+    "eval-0.1.7": {"dim": 128, "heads": 4, "hidden": 512, "layers": 1, "vocab": 264,
+                   "batch": 4, "seq": 128, "slices": 32},
     "scaling": [256, 512],
     "train": {"dim": 64, "heads": 4, "hidden": 256, "layers": 2, "vocab": 264, "batch": 2,
               "seq": 128, "slices": 64, "steps": 1},
@@ -327,9 +333,9 @@ def check_same_loss(ours: float, straight: float, what: str) -> None:
         raise SystemExit(f"{what}: losses differ (ours {ours}, straightforward {straight})")
 
 
-def section_eval(sizes: dict, threads: int, repeats: int) -> dict[int, dict]:
-    print("\n== eval: forward + on-chain loss ==")
-    e = sizes["eval"]
+def section_eval(sizes: dict, threads: int, repeats: int, key: str = "eval") -> dict[int, dict]:
+    print(f"\n== {key}: forward + on-chain loss ==")
+    e = sizes[key]
     print(f"config: D {e['dim']}, heads {e['heads']}, hidden {e['hidden']}, layers "
           f"{e['layers']}, vocab {e['vocab']}, batch {e['batch']}, seq {e['seq']}, "
           f"slices {e['slices']}; {eval_flops(EvalCase(path='', **e)) / 1e9:.1f} GFLOP")
@@ -400,8 +406,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (default: all cores)")
-    parser.add_argument("--sections", default="eval,scaling,train",
-                        help="comma-separated subset of eval,scaling,train")
+    parser.add_argument("--sections", default="eval,eval-0.1.7,scaling,train",
+                        help="comma-separated subset of eval,eval-0.1.7,scaling,train")
     parser.add_argument("--repeats", type=int, default=None,
                         help="alternated runs per eval/scaling variant, best kept "
                              "(default 2; 1 with --quick)")
@@ -422,6 +428,8 @@ def main() -> None:
     known: dict[int, dict] = {}
     if "eval" in sections:
         known = section_eval(sizes, args.threads, repeats)
+    if "eval-0.1.7" in sections:
+        section_eval(sizes, args.threads, repeats, key="eval-0.1.7")
     if "scaling" in sections:
         section_scaling(sizes, args.threads, known, repeats)
     if "train" in sections:

@@ -1,4 +1,4 @@
-"""`benchmarks/bench.py --quick` runs to the end and prints its three sections.
+"""`benchmarks/bench.py --quick` runs to the end and prints its four sections.
 
 A smoke test only: no timing is asserted (CI machines vary); the script itself refuses
 to report when the fast and straightforward paths disagree on the loss.
@@ -22,7 +22,7 @@ def test_quick_benchmark_prints_every_section() -> None:
                           text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for heading in ("== eval:", "== scaling:", "== train:"):
+    for heading in ("== eval:", "== eval-0.1.7:", "== scaling:", "== train:"):
         assert heading in out, out
     assert "plain float32 matmul" in out
     assert "ours / straightforward: wall" in out

@@ -23,6 +23,7 @@ except ImportError:  # torch-only installs: slower, same values
 
 PAD, EOS = 256, 257
 MASK_FILL = -1.0e4
+QUERY_BLOCK = 512
 EPS = 1e-5
 
 
@@ -83,12 +84,18 @@ def _attention(h, positions, w, prefix, sizes):
     k = _rope(proj("key").reshape(bsz, seq, sizes.heads, hd), positions, sizes.max_wavelength)
     v = proj("value").reshape(bsz, seq, sizes.heads, hd)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))          # [B, H, S, hd]
-    scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(hd)
-    future = np.triu(np.ones((seq, seq), dtype=bool), 1)
-    scores = np.where(future, MASK_FILL, scores)
-    scores = np.exp(scores - scores.max(-1, keepdims=True))
-    weights = scores / scores.sum(-1, keepdims=True)
-    context = (weights @ v).transpose(0, 2, 1, 3).reshape(bsz, seq, dim)
+    context = np.empty_like(q)
+    # Query rows a block at a time, so that sequences of 8192 fit in memory; each row's
+    # softmax still sees every key (future ones filled, not dropped).
+    for first in range(0, seq, QUERY_BLOCK):
+        rows = slice(first, min(seq, first + QUERY_BLOCK))
+        scores = (q[:, :, rows] @ k.transpose(0, 1, 3, 2)) / math.sqrt(hd)
+        future = np.arange(seq)[None, :] > np.arange(seq)[rows, None]
+        scores = np.where(future, MASK_FILL, scores)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        weights = scores / scores.sum(-1, keepdims=True)
+        context[:, :, rows] = weights @ v
+    context = context.transpose(0, 2, 1, 3).reshape(bsz, seq, dim)
     return context @ w[f"{prefix}.output.weight"] + w[f"{prefix}.output.bias"]
 
 
@@ -135,7 +142,9 @@ def sig_reg(reps, noise, t_max: float, points: int) -> float:
 
 
 def noise(seed: int, k: int, dim: int, slices: int) -> np.ndarray:
-    return np.asarray(arrgen.normal_array(seed + k, [dim, slices], 0.0, 1.0), dtype=np.float32)
+    """Batch k's noise: the stream seed is `seed + k` in u64 arithmetic (wraps at 2^64)."""
+    return np.asarray(arrgen.normal_array((seed + k) % 2**64, [dim, slices], 0.0, 1.0),
+                      dtype=np.float32)
 
 
 @dataclass

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,9 @@ def _staging_folder(output: Path) -> Iterator[Path]:
 
     An exception or SIGTERM removes it here; a SIGKILL leaves it to the watchdog process.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output)}{os.getpid()}.",
-                                    dir=output.parent))
+    # The name is chosen, and the watchdog told, before the folder exists: no moment in
+    # which a kill would leave an unguarded folder behind.
+    staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}.{secrets.token_hex(6)}"
     watchdog = None
     try:
         watchdog = subprocess.Popen(
@@ -153,6 +155,7 @@ def _staging_folder(output: Path) -> Iterator[Path]:
         pass  # no watchdog: an exception still cleans up, a stale folder is removed later
     finished = False
     try:
+        staging.mkdir(mode=0o700)
         yield staging
         finished = not staging.exists()
     finally:
@@ -234,9 +237,14 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
         raise PublishError("data is empty: the embedding needs at least one byte "
                            "(the runtime refuses empty data)")
 
-    report = validate(source, **_validate_protocol(validate, revision))
+    report = validate(source, protocol=revision)
     if not report.ok:
         raise PublishError(f"{source}: not publishable: " + "; ".join(report.errors))
+    if report.non_finite:
+        raise PublishError(f"{source}: not publishable: {report.non_finite} NaN/Inf value(s) "
+                           "(the runtime would score it NaN)")
+    for caveat in report.caveats:  # accepted by the runtime, but worth a line
+        warnings.warn(f"{source}: {caveat}", UserWarning, stacklevel=2)
     embedding = score(source, data_view, EMBEDDING_SEED, protocol=revision,
                       framework=framework, device=device, micro_batch_size=micro_batch_size,
                       progress=progress).embedding
@@ -260,13 +268,6 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
                 data_size=data_view.nbytes)
             _finish(staging, output, manifest)
     return manifest
-
-
-def _validate_protocol(validate: Any, revision: Revision) -> dict[str, Any]:
-    """`protocol=` for `validate` when it takes one (the revision's layer-count rule)."""
-    import inspect
-
-    return {"protocol": revision} if "protocol" in inspect.signature(validate).parameters else {}
 
 
 def _encrypt_into(source: Path, raw_key: bytes, target: Path) -> tuple[bytes, int]:
