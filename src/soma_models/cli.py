@@ -239,11 +239,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- screen
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    with _warnings_as_lines():
-        return _screen(args)
-
-
-def _screen(args: argparse.Namespace) -> int:
     from soma_models.v1.screening import Screener, find_samples, load_targets, screen_to_jsonl
 
     keys = _keys_for(args.models, args.key)
@@ -500,28 +495,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "with the losses, the winner and its cosine distance to "
                                    "every target. Rerunning with the same --out skips the "
                                    "samples it already holds.")
-    p.add_argument("--models", nargs="+", required=True, metavar="WEIGHTS",
+    p.add_argument("--models", nargs="+", required=True, metavar="WEIGHTS", type=input_file,
                    help="the target's safetensors weights files")
     p.add_argument("--key", action="append", metavar="KEY",
                    help="decryption key of an encrypted model; repeat once per model, in "
                         "order ('none' for an unencrypted one)")
-    p.add_argument("--targets", required=True,
+    p.add_argument("--targets", required=True, type=input_file,
                    help="target embeddings: .npy [n, D] or a JSON list of lists")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="sample files and folders (folders are walked recursively)")
-    p.add_argument("--seed", type=_seed, default=0, help="u64 scoring seed (the chain uses 0)")
+    p.add_argument("--seed", type=seed, default=0, help="u64 scoring seed (the chain uses 0)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a sample is a hit when its nearest target distance is below this")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=output_file,
                    help="JSONL output file (default stdout); an existing one is resumed")
     _add_protocol(p, "to screen under (contract, SIGReg slices, key format)")
     p.add_argument("--embeddings", action="store_true",
                    help="also write the winner's embedding")
-    p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto",
+    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto",
                    help="rows per forward pass, across samples; bounds memory, not the result "
                         "(default auto)")
     p.add_argument("--framework", choices=("torch", "flax"), default="torch")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--device", default=None, type=device,
+                   help="torch device, e.g. cuda (default: cpu); float32, TF32 off")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)
 
