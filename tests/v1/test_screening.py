@@ -232,3 +232,24 @@ def test_cli_wrong_key(cli_files, weights, tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "got 1 --key for 2 weights file(s)")
     assert main([*args, "--key", key, "--key", "none"]) == 0
     assert '"sample"' in capsys.readouterr().out
+
+
+def test_nan_losses_follow_the_runtime_argmin(weights):
+    """SPEC §7: a NaN loss at index 0 wins, a NaN elsewhere is passed over (as `compete`)."""
+    broken = {k: v.copy() for k, v in weights[0].items()}
+    broken["final_norm.beta"][0] = np.nan
+    sizes = dict(model_config=CONFIG, sig_reg_config=SIG_REG, max_seq_len=SEQ, batch_size=BATCH)
+    data = data_of(30, seed=2)
+    target = np.ones(CONFIG.embedding_dim, dtype=np.float32)
+    for models, nan_at in (([broken, weights[1]], 0), ([weights[1], broken, weights[2]], 1)):
+        with pytest.warns(UserWarning, match="NaN loss"):
+            (result,) = screen(models, [("x", data)], target, **sizes)
+        with pytest.warns(UserWarning, match="NaN loss"):
+            expected = compete(models, data, 0, target=target, **sizes)
+        assert result.winner == expected.winner
+        assert np.isnan(result.losses[nan_at])
+        assert result.to_json()["losses"][nan_at] is None
+        if nan_at == 0:
+            assert result.winner == 0 and np.isnan(result.loss)
+        else:
+            assert result.winner != nan_at and not np.isnan(result.loss)

@@ -26,6 +26,7 @@ import mmap
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,12 @@ from soma_models.v1.noise import check_seed
 from soma_models.v1.revisions import resolve
 from soma_models.v1.scoring import (
     BatchResult,
+    NaNLossWarning,
     NoiseSource,
     RunningMeans,
     cosine_distance,
     load_backend,
+    nan_loss_message,
     pick_winner,
     resolve_micro_batch_size,
 )
@@ -240,6 +243,8 @@ class Screener:
             raise ValueError(f"threshold must be a finite number, got {threshold}")
         self.threshold = threshold
         self.backends: list[ScoringBackend] = []
+        self.names = [os.fspath(w) if isinstance(w, (str, os.PathLike)) else f"#{i}"
+                      for i, w in enumerate(weights_list)]
         for weights, key in zip(weights_list, keys):
             backend = load_backend(weights, model_config=model_config,
                                    sig_reg_config=self.sig_reg_config, framework=framework,
@@ -342,6 +347,10 @@ class Screener:
     def _result(self, sample: _Open) -> SampleResult:
         losses = [float(means.loss) for means in sample.means]
         winner = pick_winner(losses)
+        message = nan_loss_message(losses, self.names)
+        if message is not None:
+            # The same message for every such sample: Python's warning filter shows it once.
+            warnings.warn(message, NaNLossWarning, stacklevel=2)
         embedding = sample.means[winner].embedding
         distances = [cosine_distance(embedding, target) for target in self.targets]
         nearest = _nearest(distances)
