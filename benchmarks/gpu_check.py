@@ -225,6 +225,26 @@ def time_steps(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def training_step(model: nn.Module, sig_reg: SIGReg, batch: tuple[torch.Tensor, ...],
+                  fused: bool):
+    """One bf16-autocast step (forward, loss, backward, AdamW) of `model`, as a closure."""
+    inputs, targets, pos_ids, noise = batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    device_type = inputs.device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            if isinstance(model, Model):
+                loss, _ = compute_loss(model, sig_reg, inputs, targets, pos_ids, noise)
+            else:
+                loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | None) -> None:
     config, seq, batch = sizes.v1, sizes.seq_len, sizes.train_batch
     print(f"\n== (c) bf16 autocast training step on {device.type}: {config.num_layers} layers, "
@@ -240,27 +260,16 @@ def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | No
         with torch.device(device):
             model = Model(config) if name.startswith("V1") else NanoGPT(config, seq)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-        sig_reg = SIGReg(SIGRegConfig(slices=sizes.slices))
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                if isinstance(model, Model):
-                    loss, _ = compute_loss(model, sig_reg, inputs, targets, pos_ids, noise)
-                else:
-                    loss = model(inputs, targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        step = training_step(model, SIGReg(SIGRegConfig(slices=sizes.slices)),
+                             (inputs, targets, pos_ids, noise), fused)
         seconds = time_steps(step, sizes.train_steps, device)
         tokens_per_s = batch * seq / seconds
         flops = model_flops_per_token(model, config, seq) * tokens_per_s
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append((name, seconds, tokens_per_s, flops, memory))
-        del model, optimizer
+        del model, step
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -11,6 +11,7 @@ relative bound meaningless. Winners and nearest targets must be identical.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,8 +64,8 @@ def test_screen_equals_compete_per_sample(weights, targets, framework, micro_bat
     if framework == "flax":
         pytest.importorskip("flax")
     samples = [(f"s{n}", data_of(n, seed=n)) for n in LENGTHS]
-    sizes = dict(model_config=CONFIG, sig_reg_config=SIG_REG, max_seq_len=SEQ,
-                 batch_size=BATCH, framework=framework)
+    sizes = {"model_config": CONFIG, "sig_reg_config": SIG_REG, "max_seq_len": SEQ,
+             "batch_size": BATCH, "framework": framework}
     # micro_batch_size 3 splits batches across passes and mixes batch indices in a pass.
     results = screen(weights, samples, targets, 0, micro_batch_size=micro_batch_size,
                      threshold=1.0, **sizes)
@@ -79,7 +80,8 @@ def test_screen_equals_compete_per_sample(weights, targets, framework, micro_bat
 def test_screen_nonzero_seed_and_one_target(weights):
     target = np.ones(CONFIG.embedding_dim, dtype=np.float32)
     data = data_of(64 * 2 + 1, seed=3)
-    sizes = dict(model_config=CONFIG, sig_reg_config=SIG_REG, max_seq_len=SEQ, batch_size=BATCH)
+    sizes = {"model_config": CONFIG, "sig_reg_config": SIG_REG, "max_seq_len": SEQ,
+             "batch_size": BATCH}
     (result,) = screen(weights, [("x", data)], target, 2**40, **sizes)
     expected = compete(weights, data, 2**40, target=target, **sizes)
     np.testing.assert_allclose(result.losses, expected.losses, rtol=LOSS_RTOL, atol=0)
@@ -123,7 +125,8 @@ def test_finished_samples_cuts_a_partial_line(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 PROTOCOL = "0.1.7"                      # 1024 x 16 rows, 256 SIGReg slices
-CONTRACT = dict(max_seq_len=1024, batch_size=16, sig_reg_config=SIGRegConfig.for_protocol(PROTOCOL))
+CONTRACT = {"max_seq_len": 1024, "batch_size": 16,
+            "sig_reg_config": SIGRegConfig.for_protocol(PROTOCOL)}
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ def test_cli_screen_with_protocol_and_resume(cli_files, weights, targets, capsys
                                               ("one.bin", "more/over.bin")]
     hits = 0
     for record in records:
-        data = open(record["sample"], "rb").read()
+        data = Path(record["sample"]).read_bytes()
         expected = compete(weights, data, 0, target=targets[0], model_config=CONFIG, **CONTRACT)
         np.testing.assert_allclose(record["losses"], expected.losses, rtol=LOSS_RTOL, atol=0)
         assert record["winner"] == expected.winner and record["bytes"] == len(data)
@@ -218,7 +221,7 @@ def test_cli_empty_sample(cli_files, tmp_path, capsys):
 
 
 def test_cli_wrong_key(cli_files, weights, tmp_path, capsys):
-    encrypted, key = encrypt_weights(open(cli_files / "m0.safetensors", "rb").read())
+    encrypted, key = encrypt_weights((cli_files / "m0.safetensors").read_bytes())
     (tmp_path / "enc.safetensors").write_bytes(encrypted)
     wrong = encrypt_weights(b"")[1]                   # another valid key (Base58 under 0.1.7)
     args = ["screen", "--models", str(tmp_path / "enc.safetensors"),
@@ -238,7 +241,8 @@ def test_nan_losses_follow_the_runtime_argmin(weights):
     """SPEC §7: a NaN loss at index 0 wins, a NaN elsewhere is passed over (as `compete`)."""
     broken = {k: v.copy() for k, v in weights[0].items()}
     broken["final_norm.beta"][0] = np.nan
-    sizes = dict(model_config=CONFIG, sig_reg_config=SIG_REG, max_seq_len=SEQ, batch_size=BATCH)
+    sizes = {"model_config": CONFIG, "sig_reg_config": SIG_REG, "max_seq_len": SEQ,
+             "batch_size": BATCH}
     data = data_of(30, seed=2)
     target = np.ones(CONFIG.embedding_dim, dtype=np.float32)
     for models, nan_at in (([broken, weights[1]], 0), ([weights[1], broken, weights[2]], 1)):

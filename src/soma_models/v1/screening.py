@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import numpy as np
 
@@ -50,7 +50,6 @@ from soma_models.v1.scoring import (
     resolve_micro_batch_size,
 )
 from soma_models.v1.tokenizer import iter_batches, num_batches
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -429,7 +428,7 @@ class LineWriter:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> LineWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
