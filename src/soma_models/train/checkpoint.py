@@ -13,12 +13,21 @@ Nothing is pickled and nothing is unpickled. A checkpoint folder is first writte
 a temporary name, every file fsynced, then renamed into place; `latest.json` moves to
 it only after that, and older checkpoints are pruned only after *that*. A crash at any
 moment leaves the previous good checkpoint intact and pointed to.
+
+Staging folders are named `.step_N.tmp-PID` (and `.step_N.old-PID` while a checkpoint of
+the same step is replaced). A writer removes its own on any exception, SIGINT and (under
+`run_folder.terminate_raises`) SIGTERM included; `remove_stale_staging` removes those a
+killed process left behind.
+
+The RNG states a run depends on (torch CPU and CUDA, NumPy's global generator, Python's
+`random`) are captured and restored here too: `capture_rng` / `restore_rng`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Mapping
@@ -29,6 +38,7 @@ import numpy as np
 
 from soma_models.errors import WeightsError
 from soma_models.safetensors_io import SafetensorsFile, atomic_write, save_file
+from soma_models.train.run_folder import pid_alive
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -36,6 +46,7 @@ STATE_FILE = "state.safetensors"
 JSON_FILE = "trainer_state.json"
 LATEST_FILE = "latest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.(?P<step>step_\d+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -74,11 +85,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_writer,
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root)
     final = root / step_dir_name(step)
     staging = root / f".{final.name}.tmp-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
+    aside = root / f".{final.name}.old-{os.getpid()}"
     try:
         model_writer(staging / MODEL_FILE)
         save_file(staging / STATE_FILE, dict(tensors), {"format_version": str(FORMAT_VERSION)})
@@ -86,19 +99,80 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_writer,
         _fsync_dir(staging)
         if final.exists():
             # Same step written again (e.g. after a resume): move the old one aside first.
-            stale = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, stale)
-            os.replace(staging, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+            os.replace(final, aside)
+        os.replace(staging, final)
         _fsync_dir(root)
     except BaseException:
+        # Interrupted (an error, SIGINT, or SIGTERM under terminate_raises): no litter,
+        # and a checkpoint moved aside goes back in place.
         shutil.rmtree(staging, ignore_errors=True)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     write_json(root / LATEST_FILE, {"checkpoint": final.name, "step": step})
     _prune(root, keep=max(1, keep_last), current=final.name)
     return final
+
+
+def remove_stale_staging(root: str | os.PathLike, *, exclusive: bool = False) -> list[Path]:
+    """Remove staging folders under `root` that no live writer owns.
+
+    By default only those whose PID is not a running process. With `exclusive=True` (the
+    caller holds the run folder's lock, so no other writer can exist) every staging folder
+    that is not this process's own, which also covers a dead writer whose PID was reused.
+    """
+    root = Path(root)
+    removed = []
+    for child in root.iterdir() if root.is_dir() else ():
+        match = _STAGING_DIR.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        pid = int(match.group("pid"))
+        if pid == os.getpid():
+            continue
+        if not exclusive and pid_alive(pid):
+            continue
+        final = root / match.group("step")
+        if match.group("kind") == "old" and not final.exists():
+            # Killed between moving a complete checkpoint aside and moving its
+            # replacement in: the aside one is the good copy. Put it back.
+            os.replace(child, final)
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
+
+
+def capture_rng() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The process's RNG states: `(tensors, json_state)` for `save_checkpoint`'s
+    `tensors` (byte states) and `state["rng"]` (NumPy's and Python's, JSON-able)."""
+    import torch
+
+    tensors = {"rng.torch": torch.get_rng_state().numpy()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = cuda_state.numpy()
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"python": [py_version, list(py_internal), py_gauss],
+             "numpy": [np_state[0], np_state[1].tolist(),
+                       *(v.item() if hasattr(v, "item") else v for v in np_state[2:])]}
+    return tensors, state
+
+
+def restore_rng(tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+    """Put back the states `capture_rng` returned (CUDA ones for the devices present)."""
+    import torch
+
+    torch.set_rng_state(torch.from_numpy(np.asarray(tensors["rng.torch"])))
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"rng.cuda.{i}" in tensors:
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(tensors[f"rng.cuda.{i}"])), i)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
 
 
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -115,6 +189,12 @@ def _prune(root: Path, keep: int, current: str) -> None:
     for _, path in complete[:-keep]:
         if path.name != current:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def has_checkpoint(root: str | os.PathLike) -> bool:
+    """Whether `root` has anything to resume from (`latest.json` or a complete step_*/)."""
+    root = Path(root)
+    return (root / LATEST_FILE).is_file() or bool(_complete_checkpoints(root))
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
