@@ -426,7 +426,8 @@ class Trainer:
         try:
             folder = ckpt.find_checkpoint(self.checkpoint_root)
         except ckpt.CheckpointError:
-            return "No checkpoint was written before this step"
+            return ("No checkpoint was written before this step; lower --lr (or check the "
+                    "data) and start again with --overwrite")
         return (f"The last good checkpoint, {folder}, is unchanged; lower --lr and start a "
                 f"new run, e.g. with --init-from {folder / ckpt.MODEL_FILE}")
 
