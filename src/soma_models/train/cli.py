@@ -262,6 +262,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the first-run demo: small model, the project's own text, ~5 min on CPU")
 
 
+def revision_of(argv: Sequence[str]) -> str:
+    """The revision `soma-models train ARGV` scores against, named for people (the demo
+    script's banner): `--protocol` if given, else SOMA_MODELS_PROTOCOL, else the default."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} train", add_help=False)
+    _one_line_errors(parser)
+    parser.add_argument("--protocol", type=_protocol)
+    known, _ = parser.parse_known_args(argv)
+    revision = resolve(known.protocol)
+    return f"{revision.name}, {revision.summary}"
+
+
 def _free_demo_folder() -> str:
     """runs/demo, or runs/demo-2, -3, ... when earlier demos are there (never replaced)."""
     from soma_models.train.run_folder import existing_entries
