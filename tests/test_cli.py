@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("soma-models: error: ") and "Traceback" not in stderr
+    # Usage errors name the subcommand ("soma-models score: error: argument ...").
+    assert re.match(r"soma-models( [a-z]+)?: error: ", lines[0]) and "Traceback" not in stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -88,10 +90,11 @@ def test_user_errors_exit_non_zero_with_one_line(files, tmp_path):
     result = run("score", w1, "--data", str(empty), "--seed", "1", ok=False)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "empty")
+    # A missing path is a usage error, found before any work starts (exit 2).
     result = run("score", str(tmp_path / "nope"), "--data", str(files / "data.bin"),
                  "--seed", "1", ok=False)
-    assert result.returncode == 1
-    assert_one_line_error(result.stderr, "nope", "no such weights file")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "argument weights", "nope", "no such file")
     result = run("score", w1, "--data", str(files / "data.bin"), "--seed", "-3", ok=False)
     assert result.returncode == 2 and "u64" in result.stderr and "Traceback" not in result.stderr
 

@@ -72,50 +72,29 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
 
     save(tmp_path, 1)
     dead, live = _dead_pid(), os.getppid()  # our parent is alive and is not us
-    (tmp_path / f".step_00000002.tmp-{dead}").mkdir()
-    (tmp_path / f".step_00000002.tmp-{dead}" / ckpt.MODEL_FILE).write_bytes(b"half")
-    (tmp_path / f".step_00000003.tmp-{live}").mkdir()
-    (tmp_path / ".unrelated.tmp-1").mkdir()             # not our naming pattern
+    (tmp_path / f".step_00000002.{dead}-ab12.soma-tmp").mkdir()
+    (tmp_path / f".step_00000002.{dead}-ab12.soma-tmp" / ckpt.MODEL_FILE).write_bytes(b"half")
+    (tmp_path / f".latest.json.{dead}-cd34.soma-tmp").write_bytes(b"{")
+    (tmp_path / f".step_00000003.{live}-ef56.soma-tmp").mkdir()
+    (tmp_path / ".unrelated.tmp-1").mkdir()             # not the temporaries' pattern
     save(tmp_path, 4)                                    # a writer cleans as it goes
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [".step_00000003.tmp-%d" % live, ".unrelated.tmp-1", "latest.json",
-                     "step_00000001", "step_00000004"]
-    # Under the run lock no other writer can exist: everything not ours goes.
-    removed = ckpt.remove_stale_staging(tmp_path, exclusive=True)
-    assert [p.name for p in removed] == [f".step_00000003.tmp-{live}"]
+    assert names == [f".step_00000003.{live}-ef56.soma-tmp", ".unrelated.tmp-1",
+                     "latest.json", "step_00000001", "step_00000004"]
     assert ckpt.find_checkpoint(tmp_path).name == "step_00000004"
 
 
-def test_a_checkpoint_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
+def test_an_interrupted_save_leaves_no_litter_and_the_last_checkpoint(tmp_path):
     save(tmp_path, 1)
-    save(tmp_path, 2)
-    # Killed after moving step 2 aside to replace it, before the new one moved in.
-    aside = tmp_path / f".step_00000002.old-{_dead_pid()}"
-    (tmp_path / "step_00000002").rename(aside)
-    ckpt.remove_stale_staging(tmp_path)
-    assert not aside.exists()
-    assert ckpt.find_checkpoint(tmp_path).name == "step_00000002"
-    assert ckpt.read_checkpoint(tmp_path / "step_00000002")[0]["step"] == 2
 
+    def interrupted(path):
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
 
-def test_an_interrupted_rewrite_of_the_same_step_keeps_the_old_copy(tmp_path, monkeypatch):
-    import os
-
-    save(tmp_path, 1)
-    real_replace, calls = os.replace, []
-
-    def interrupted_replace(src, dst):
-        if str(dst).endswith("step_00000001"):  # the staged copy moving in
-            calls.append((src, dst))
-            if len(calls) == 1:  # old copy already moved aside: SIGINT arrives now
-                raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        save(tmp_path, 1, model_writer=lambda path: path.write_bytes(b"new"))
-    monkeypatch.undo()
-    assert ".tmp-" in str(calls[0][0]) and ".old-" in str(calls[1][0])  # then put back
+        save(tmp_path, 2, model_writer=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 1, model_writer=interrupted)  # a rewrite of the same step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000001"]
     assert (tmp_path / "step_00000001" / ckpt.MODEL_FILE).read_bytes() == b"weights"
 

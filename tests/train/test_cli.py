@@ -28,7 +28,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert lines[0].startswith("soma-models: error: "), lines[0]
+    assert lines[0].startswith(("soma-models: error: ", "soma-models train: error: ")), lines[0]
     return lines[0]
 
 
@@ -106,7 +106,7 @@ def test_latest_pointer_to_missing_checkpoint(capsys, trained):
     assert "which is not a checkpoint" in one_error_line(err)
 
 
-NO_CUDA = "this torch build has no CUDA support" if torch.version.cuda is None else \
+NO_CUDA = "this torch build has no CUDA" if torch.version.cuda is None else \
     "no CUDA device is visible"
 
 
@@ -114,11 +114,11 @@ NO_CUDA = "this torch build has no CUDA support" if torch.version.cuda is None e
     (["--device", "bogus"], "argument --device: unknown device 'bogus'; use cpu, cuda"),
     pytest.param(["--device", "cuda"], f"argument --device: 'cuda': {NO_CUDA}",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
-    (["--threads=-1"], "argument --threads: must be an integer >= 1, got -1"),
-    (["--threads", "two"], "argument --threads: must be an integer >= 1, got 'two'"),
+    (["--threads=-1"], "argument --threads: expected a positive integer, got '-1'"),
+    (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
     (["--seq-len", "1"], "argument --seq-len: must be an integer >= 2, got 1"),
     (["--final-seq-len", "0"], "argument --final-seq-len: must be an integer >= 2, got 0"),
-    (["--micro-batch-size", "0"], "argument --micro-batch-size: must be an integer >= 1"),
+    (["--micro-batch-size", "0"], "argument --micro-batch-size: expected a positive integer"),
     (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
     (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0.0"),
@@ -129,8 +129,8 @@ NO_CUDA = "this torch build has no CUDA support" if torch.version.cuda is None e
     (["--val-fraction", "0"], "argument --val-fraction: must be a finite number > 0 and < 1"),
     (["--sig-reg-coefficient", "inf"], "argument --sig-reg-coefficient: must be a finite"),
     (["--max-minutes=-1"], "argument --max-minutes: must be a finite number > 0"),
-    (["--seed=-1"], "argument --seed: must be a u64"),
-    (["--score-seed", str(2**64)], "argument --score-seed: must be a u64"),
+    (["--seed=-1"], "argument --seed: seed must be in [0, 2**64 - 1] (a u64), got -1"),
+    (["--score-seed", str(2**64)], "argument --score-seed: seed must be in [0, 2**64 - 1]"),
     (["--protocol", "0.2"], "argument --protocol: unknown revision '0.2'; known: 0.1.1, 0.1.7"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--micro-batch-size", "3"], "batch size 4 is not a multiple of micro-batch size 3"),
@@ -146,7 +146,7 @@ def test_bad_options_are_one_line_and_exit_2_before_any_work(capsys, corpus, tmp
 
 def test_paths_that_are_folders_or_missing(capsys, corpus, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    cases = [(["--init-from", tmp_path], f"{tmp_path}: is a folder, expected a weights file"),
+    cases = [(["--init-from", tmp_path], f"{tmp_path}: is a directory, expected a file"),
              (["--init-from", tmp_path / "none.safetensors"], "none.safetensors: no such file"),
              (["--out", tmp_path / "a-file"], f"{tmp_path / 'a-file'}: exists and is not a "
                                               f"folder")]

@@ -20,7 +20,6 @@ from soma_models.train.run_folder import (
     Terminated,
     clear_run,
     existing_entries,
-    remove_stale_temp_files,
     terminate_raises,
 )
 
@@ -81,16 +80,6 @@ def test_what_marks_a_run_and_clear_run_keeps_everything_else(tmp_path):
     clear_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert set(RUN_ENTRIES) >= {"model.safetensors", "checkpoints", "metrics.jsonl"}
-
-
-def test_stale_temp_files_of_named_outputs_only(tmp_path):
-    (tmp_path / ".model.safetensors.a1b2c3.tmp").write_bytes(b"x")
-    (tmp_path / ".latest.json.zz.tmp").write_bytes(b"x")
-    (tmp_path / ".other.bin.q.tmp").write_bytes(b"x")
-    removed = remove_stale_temp_files(tmp_path, ("model.safetensors", "latest.json"))
-    assert sorted(p.name for p in removed) == [".latest.json.zz.tmp",
-                                               ".model.safetensors.a1b2c3.tmp"]
-    assert [p.name for p in tmp_path.iterdir()] == [".other.bin.q.tmp"]
 
 
 def test_sigterm_raises_inside_terminate_raises_and_not_after():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from soma_models.atomic import is_temporary
 from soma_models.safetensors_io import SafetensorsFile
 from soma_models.train import checkpoint as ckpt
 from soma_models.train.errors import NonFiniteError, TrainConfigError, TrainError
@@ -40,9 +41,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def litter(out: Path) -> list[str]:
-    """Staging folders and temp files anywhere in a run folder."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob(".*")
-                  if ".tmp" in p.name or ".old-" in p.name)
+    """Staging folders and temporary files anywhere in a run folder."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if is_temporary(p))
 
 
 # ------------------------------------------------------------------ the run folder
@@ -187,7 +187,7 @@ HANG_IN_CHECKPOINT = textwrap.dedent("""
 
     def save_file_then_hang(path, *args, **kwargs):
         real_save_file(path, *args, **kwargs)
-        if Path(path).parent.name.startswith(f".step_{hang_step:08d}.tmp-"):
+        if Path(path).parent.name.startswith(f".step_{hang_step:08d}.{os.getpid()}-"):
             marker.write_text(str(os.getpid()))
             time.sleep(300)  # mid-checkpoint, staging folder half written
 
@@ -231,8 +231,9 @@ def test_killed_during_a_checkpoint(corpus, tmp_path, how):
         with pytest.raises(TrainError) as exc:
             Trainer(small_config(corpus, out, resume=True, **RUN))
         assert f"PID {proc.pid}" in str(exc.value)
-        staging = out / "checkpoints" / f".step_00000004.tmp-{proc.pid}"
-        assert staging.is_dir()
+        staging = [p for p in (out / "checkpoints").iterdir()
+                   if p.name.startswith(f".step_00000004.{proc.pid}-")]
+        assert len(staging) == 1 and staging[0].is_dir() and is_temporary(staging[0])
         good = digest(out / "checkpoints" / "step_00000002")
         proc.send_signal(getattr(signal, how))
         _, err = proc.communicate(timeout=60)
@@ -246,7 +247,7 @@ def test_killed_during_a_checkpoint(corpus, tmp_path, how):
         assert litter(out) == [] and not (out / ".lock").exists()
     else:
         assert proc.returncode == -signal.SIGKILL
-        assert staging.is_dir()  # nothing could clean up: the next run does
+        assert staging[0].is_dir()  # nothing could clean up: the next run does
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert digest(out / "checkpoints" / "step_00000002") == good
     assert not (out / "model.safetensors").exists()

@@ -14,10 +14,9 @@ a temporary name, every file fsynced, then renamed into place; `latest.json` mov
 it only after that, and older checkpoints are pruned only after *that*. A crash at any
 moment leaves the previous good checkpoint intact and pointed to.
 
-Staging folders are named `.step_N.tmp-PID` (and `.step_N.old-PID` while a checkpoint of
-the same step is replaced). A writer removes its own on any exception, SIGINT and (under
-`run_folder.terminate_raises`) SIGTERM included; `remove_stale_staging` removes those a
-killed process left behind.
+The temporary folder is `soma_models.atomic`'s (`.step_N.PID-TOKEN.soma-tmp`): removed on
+any exception, SIGINT or SIGTERM, and, when a killed writer left one, by the next writer
+into `checkpoints/`.
 
 The RNG states a run depends on (torch CPU and CUDA, NumPy's global generator, Python's
 `random`) are captured and restored here too: `capture_rng` / `restore_rng`.
@@ -36,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from soma_models.atomic import atomic_write, staging
 from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, atomic_write, save_file
-from soma_models.train.run_folder import pid_alive
+from soma_models.safetensors_io import SafetensorsFile, save_file
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -46,7 +45,6 @@ STATE_FILE = "state.safetensors"
 JSON_FILE = "trainer_state.json"
 LATEST_FILE = "latest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_STAGING_DIR = re.compile(r"^\.(?P<step>step_\d+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -55,19 +53,6 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (e.g. Windows); rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -85,63 +70,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_writer,
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(root)
     final = root / step_dir_name(step)
-    staging = root / f".{final.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    aside = root / f".{final.name}.old-{os.getpid()}"
-    try:
-        model_writer(staging / MODEL_FILE)
-        save_file(staging / STATE_FILE, dict(tensors), {"format_version": str(FORMAT_VERSION)})
-        write_json(staging / JSON_FILE, {"format_version": FORMAT_VERSION, **state})
-        _fsync_dir(staging)
-        if final.exists():
-            # Same step written again (e.g. after a resume): move the old one aside first.
-            os.replace(final, aside)
-        os.replace(staging, final)
-        _fsync_dir(root)
-    except BaseException:
-        # Interrupted (an error, SIGINT, or SIGTERM under terminate_raises): no litter,
-        # and a checkpoint moved aside goes back in place.
-        shutil.rmtree(staging, ignore_errors=True)
-        if aside.exists() and not final.exists():
-            os.replace(aside, final)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    # Same step written again (e.g. after a resume): `staging` replaces the old folder.
+    with staging(final, directory=True) as folder:
+        model_writer(folder / MODEL_FILE)
+        save_file(folder / STATE_FILE, dict(tensors), {"format_version": str(FORMAT_VERSION)})
+        write_json(folder / JSON_FILE, {"format_version": FORMAT_VERSION, **state})
     write_json(root / LATEST_FILE, {"checkpoint": final.name, "step": step})
     _prune(root, keep=max(1, keep_last), current=final.name)
     return final
-
-
-def remove_stale_staging(root: str | os.PathLike, *, exclusive: bool = False) -> list[Path]:
-    """Remove staging folders under `root` that no live writer owns.
-
-    By default only those whose PID is not a running process. With `exclusive=True` (the
-    caller holds the run folder's lock, so no other writer can exist) every staging folder
-    that is not this process's own, which also covers a dead writer whose PID was reused.
-    """
-    root = Path(root)
-    removed = []
-    for child in root.iterdir() if root.is_dir() else ():
-        match = _STAGING_DIR.match(child.name)
-        if not match or not child.is_dir():
-            continue
-        pid = int(match.group("pid"))
-        if pid == os.getpid():
-            continue
-        if not exclusive and pid_alive(pid):
-            continue
-        final = root / match.group("step")
-        if match.group("kind") == "old" and not final.exists():
-            # Killed between moving a complete checkpoint aside and moving its
-            # replacement in: the aside one is the good copy. Put it back.
-            os.replace(child, final)
-            continue
-        shutil.rmtree(child, ignore_errors=True)
-        removed.append(child)
-    return removed
 
 
 def capture_rng() -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from soma_models.cli_common import Parser, device, input_file, positive_int, seed
+from soma_models.cli_common import run as run_command
 from soma_models.train import options
 from soma_models.train.errors import TrainConfigError
 from soma_models.v1.configs import PRESETS
@@ -88,48 +90,9 @@ def _default(name: str) -> object:
     return field.default_factory()  # type: ignore[misc]
 
 
-def _device(text: str) -> str:
-    """A torch device this machine has: cpu, cuda, cuda:N, mps."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return text
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA device is visible")
-            raise argparse.ArgumentTypeError(f"{text!r}: {why} (torch {torch.__version__}); "
-                                             f"use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
-                                             f"device(s) (cuda:0 .. cuda:{count - 1})")
-        return text
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
-        return text
-    raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N "
-                                     f"or mps")
-
-
 def _existing_path(text: str) -> str:
     if not Path(text).exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
-    return text
-
-
-def _weights_file(text: str) -> str:
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a folder, expected a weights file")
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
     return text
 
 
@@ -148,18 +111,13 @@ def _protocol(text: str) -> str:
             f"unknown revision {text!r}; known: {', '.join(known_names())}") from None
 
 
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Usage errors as one line (no usage block), exit status 2."""
-    def error(message: str):
-        parser.exit(2, f"{PROG}: error: {' '.join(message.split())}\n")
-    parser.error = error  # type: ignore[method-assign]
-
-
 # ------------------------------------------------------------------ options
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option defaults to None so that `--demo` and TrainConfig fill the gaps."""
-    _one_line_errors(p)
+    """Every option defaults to None so that `--demo` and TrainConfig fill the gaps.
+
+    Shared types (`soma_models.cli_common`) for what every command has (seeds, positive
+    integers, devices, files); `options.RULES` for the trainer's own ranges."""
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", metavar="PATH", type=_existing_path,
                    help="files or folders of raw bytes (folders are read recursively)")
@@ -180,19 +138,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--config", help=f"size preset: {', '.join(PRESETS)} (default tiny)")
     for name in ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim"):
-        m.add_argument(options.option_name(name), type=_setting(name),
+        m.add_argument(options.option_name(name), type=positive_int,
                        help="override the preset's value")
     m.add_argument("--dropout", type=_setting("dropout"),
                    help=f"dropout rate while training (default {_default('dropout')})")
-    m.add_argument("--init-from", metavar="WEIGHTS", type=_weights_file,
+    m.add_argument("--init-from", metavar="WEIGHTS", type=input_file,
                    help="start from these canonical weights instead of from scratch")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=_setting("steps"),
+    o.add_argument("--steps", type=positive_int,
                    help=f"optimizer steps (default {_default('steps')})")
-    o.add_argument("--batch-size", type=_setting("batch_size"),
+    o.add_argument("--batch-size", type=positive_int,
                    help=f"global batch in sequences (default {_default('batch_size')})")
-    o.add_argument("--micro-batch-size", type=_setting("micro_batch_size"),
+    o.add_argument("--micro-batch-size", type=positive_int,
                    help="sequences per forward pass per process (default: batch / processes); "
                         "gradients accumulate over the rest")
     o.add_argument("--lr", type=_setting("lr"),
@@ -208,15 +166,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sig-reg-coefficient", type=_setting("sig_reg_coefficient"),
                    help="SIGReg weight in the training loss (default: the chain's "
                         f"{_default('sig_reg_coefficient')})")
-    o.add_argument("--sig-reg-slices", type=_setting("sig_reg_slices"),
+    o.add_argument("--sig-reg-slices", type=positive_int,
                    help="SIGReg directions per micro-batch (default: the revision's, 256 under "
                         "0.1.7, 1024 under 0.1.1)")
-    o.add_argument("--sig-reg-positions", type=_setting("sig_reg_positions"),
+    o.add_argument("--sig-reg-positions", type=positive_int,
                    help="compute SIGReg on this many random positions per micro-batch "
                         "(an unbiased estimate; default: all)")
     o.add_argument("--bf16", action="store_const", const=True,
                    help="bfloat16 autocast (CUDA; on CPU it runs but is usually slower)")
-    o.add_argument("--seed", type=_setting("seed"),
+    o.add_argument("--seed", type=seed,
                    help=f"seed for init, data order, dropout (default {_default('seed')})")
 
     w = p.add_argument_group("watching and saving")
@@ -230,15 +188,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"held-out CE every N steps (default {_default('eval_every')})")
     w.add_argument("--score-every", type=_setting("score_every"),
                    help="exact on-chain score every N steps (default: at the end only)")
-    w.add_argument("--score-seed", type=_setting("score_seed"),
+    w.add_argument("--score-seed", type=seed,
                    help=f"scoring seed (default {_default('score_seed')})")
     w.add_argument("--score-seq-len", type=_setting("score_seq_len"),
                    help="max_seq_len used for the exact score (default: the revision's)")
-    w.add_argument("--score-batch-size", type=_setting("score_batch_size"),
+    w.add_argument("--score-batch-size", type=positive_int,
                    help="scoring batch size (default: the revision's)")
     w.add_argument("--checkpoint-every", type=_setting("checkpoint_every"),
                    help=f"checkpoint every N steps (default {_default('checkpoint_every')})")
-    w.add_argument("--keep-checkpoints", type=_setting("keep_checkpoints"),
+    w.add_argument("--keep-checkpoints", type=positive_int,
                    help=f"checkpoints kept (default {_default('keep_checkpoints')})")
     w.add_argument("--resume", action="store_const", const=True,
                    help="continue the run in --out from its newest checkpoint (the settings "
@@ -251,9 +209,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--no-plot", dest="plot", action="store_const", const=False)
 
     h = p.add_argument_group("hardware")
-    h.add_argument("--device", type=_device,
+    h.add_argument("--device", type=device,
                    help="cpu, cuda, cuda:N, mps (default: cuda if available)")
-    h.add_argument("--threads", type=_setting("threads"),
+    h.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (default: torch's choice; 1 is often best for "
                         "small models on a busy machine)")
     h.add_argument("--parallel", choices=("ddp", "fsdp"),
@@ -265,8 +223,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def revision_of(argv: Sequence[str]) -> str:
     """The revision `soma-models train ARGV` scores against, named for people (the demo
     script's banner): `--protocol` if given, else SOMA_MODELS_PROTOCOL, else the default."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} train", add_help=False)
-    _one_line_errors(parser)
+    parser = Parser(prog=f"{PROG} train", add_help=False)
     parser.add_argument("--protocol", type=_protocol)
     known, _ = parser.parse_known_args(argv)
     revision = resolve(known.protocol)
@@ -319,8 +276,8 @@ def run(args: argparse.Namespace) -> int:
                   f"uses max_seq_len {cfg.score_seq_len}, batch {cfg.score_batch_size}, "
                   f"{revision.sig_reg_slices} SIGReg slices", flush=True)
         result = train(cfg)
-    except TrainConfigError as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except TrainConfigError as exc:  # a usage error found once options meet: as argparse's
+        print(f"{PROG} train: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Terminated:
         print(f"{PROG}: stopped by SIGTERM; the last complete checkpoint is kept (continue "
@@ -364,16 +321,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (`python -m soma_models.train`, torchrun -m): same options."""
-    from soma_models.errors import WeightsError
-
-    parser = argparse.ArgumentParser(prog="soma-models train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="soma-models train", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, WeightsError) as exc:
-        if os.environ.get("SOMA_MODELS_DEBUG"):
-            raise
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+    return run_command(run, args, f"{PROG} train",
+                       interrupted="interrupted (resume with --resume)")

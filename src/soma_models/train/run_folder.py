@@ -3,10 +3,10 @@ run at a time its only writer.
 
 Two runs writing one folder would interleave their metrics and checkpoints, and a run
 started over an earlier one would replace that run's model and checkpoints. So the
-trainer takes `RunLock` on the folder before it writes anything, refuses a folder that
-already holds a run unless it is resuming it or told to overwrite it, and removes
-litter (staging folders, temp files) that a killed writer left, which is only safe
-while it holds the lock.
+trainer takes `RunLock` on the folder before it writes anything, and refuses a folder
+that already holds a run unless it is resuming it or told to overwrite it. (Temporary
+files and staging folders, and what killed writers left of them, are
+`soma_models.atomic`'s business.)
 
 The lock is an advisory `flock` on `DIR/.lock`, which holds the holder's PID. The kernel
 drops it when its process dies, however it dies, so a lock never outlives its process:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import signal
 import threading
@@ -54,21 +53,6 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this machine."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
-
-
 def existing_entries(folder: Path) -> list[str]:
     """The run files in `folder` (empty: it holds no run)."""
     return [name for name in RUN_ENTRIES if (folder / name).exists()]
@@ -82,26 +66,6 @@ def clear_run(folder: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-
-
-_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
-
-
-def remove_stale_temp_files(folder: Path, names: tuple[str, ...]) -> list[Path]:
-    """Remove `atomic_write` temp files (`.NAME.XXXX.tmp`) of `names` in `folder`.
-
-    Only for a folder whose lock the caller holds: then no other writer can own them.
-    """
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for child in folder.iterdir():
-        match = _TEMP_FILE.match(child.name)
-        if match and match.group("name") in names and child.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                child.unlink()
-                removed.append(child)
-    return removed
 
 
 class RunLock:

@@ -41,6 +41,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from soma_models.atomic import clean_stale
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import distributed as distrib
 from soma_models.train import options
@@ -61,7 +62,6 @@ from soma_models.train.run_folder import (
     RunLock,
     clear_run,
     existing_entries,
-    remove_stale_temp_files,
     terminate_raises,
 )
 from soma_models.train.schedule import learning_rate
@@ -299,16 +299,13 @@ class Trainer:
         self.close()
 
     def _tidy_out_dir(self) -> None:
-        """Rank 0, lock held: replace an old run (--overwrite) and remove what killed
-        writers left behind (no other writer can exist while we hold the lock)."""
+        """Rank 0, lock held: replace an old run (--overwrite) and remove the temporaries
+        that killed writers left (`atomic.staging` also does so on every write)."""
         if self.cfg.overwrite:
             clear_run(self.out_dir)
-        remove_stale_temp_files(self.out_dir, (*existing_entries(self.out_dir),
-                                               "model.safetensors", "run.json",
-                                               "summary.json", "metrics.jsonl", "loss.png"))
+        clean_stale(self.out_dir)
         if self.checkpoint_root.is_dir():
-            ckpt.remove_stale_staging(self.checkpoint_root, exclusive=True)
-            remove_stale_temp_files(self.checkpoint_root, (ckpt.LATEST_FILE,))
+            clean_stale(self.checkpoint_root)
 
     # ------------------------------------------------------------------ setup
     def _validate_settings(self) -> None:
