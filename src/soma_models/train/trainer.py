@@ -2,7 +2,9 @@
 
 The objective is what the chain scores (SPEC §6): per micro-batch,
 `cross_entropy_sum / (rows * seq_len) + coefficient * SIGReg(representations, noise)`,
-with fresh Gaussian SIGReg noise for every micro-batch.
+with fresh Gaussian SIGReg noise for every micro-batch. Each step is the library's own
+(`soma_models.v1.torch.train_step`: `backward` per micro-batch, then `apply_update`), on
+the loss of `soma_models.v1.torch.loss`, with its optimizer groups and bf16 policy.
 
 Determinism. Every source of randomness is a function of `(seed, step, micro-batch)`:
 the chunk order (one seeded permutation per epoch), the dropout masks (torch's RNG is
@@ -66,14 +68,13 @@ from soma_models.train.run_folder import (
 )
 from soma_models.train.schedule import learning_rate
 from soma_models.v1.configs import (
-    V1_PAD_TOKEN_ID,
     V1_SIG_REG_COEFFICIENT,
     ModelConfig,
     SIGRegConfig,
     preset,
 )
 from soma_models.v1.revisions import Revision, resolve
-from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.torch import train_step as step_lib
 from soma_models.v1.torch.modules import Model, SIGReg
 
 SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
@@ -376,17 +377,15 @@ class Trainer:
         self.module = distrib.wrap(distrib.TrainingModule(model), cfg.parallel, ctx)
         self.sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices,
                                            coefficient=cfg.sig_reg_coefficient))
-        # Weight decay on matrices only (embedding, linear weights), not on norms or biases.
         inner = distrib.unwrap(self.module).model
-        decay = [p for p in inner.parameters() if p.ndim >= 2]
-        no_decay = [p for p in inner.parameters() if p.ndim < 2]
+        # FSDP2's sharded parameters take the per-parameter loop; elsewhere the fused kernel.
+        self.optimizer = step_lib.make_optimizer(
+            inner, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+            eps=1e-8, implementation="loop" if cfg.parallel == "fsdp" else "auto")
+        # Optimizer-state order (checkpoints name each parameter's state).
         by_id = {id(p): n for n, p in inner.named_parameters()}
-        self.param_names = [by_id[id(p)] for p in decay + no_decay]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-            foreach=cfg.parallel != "fsdp")
+        self.param_names = [by_id[id(p)] for group in self.optimizer.param_groups
+                            for p in group["params"]]
 
     # ----------------------------------------------------------- checkpoints
     @property
@@ -511,35 +510,31 @@ class Trainer:
             return self.phases[1]
         return self.phases[0]
 
-    def _micro_batch_loss(self, table: ChunkTable, indices: np.ndarray, step: int, micro: int
-                          ) -> tuple[torch.Tensor, float, int]:
-        """On-chain loss of one micro-batch; returns (loss, ce_sum, predicted tokens)."""
+    def _micro_batch(self, table: ChunkTable, indices: np.ndarray, step: int, micro: int,
+                     accumulation: int) -> tuple[float, float, int]:
+        """Forward and backward of one micro-batch (`train_step.backward`, the library's
+        step); returns (loss, ce_sum, predicted tokens)."""
         cfg, dev = self.cfg, self.ctx.device
         batch = table.rows(indices)
-        tokens = torch.from_numpy(batch.token_ids).to(dev)
-        targets = torch.from_numpy(batch.targets).to(dev)
-        pos = torch.from_numpy(batch.pos_ids).to(dev)
+        tokens, targets, pos = step_lib.batch_tensors(batch, dev)
         # Dropout masks depend only on (seed, step, micro-batch): see the module docstring.
         torch.manual_seed(_micro_seed(cfg.seed, step, micro, 0))
         noise_gen = torch.Generator().manual_seed(_micro_seed(cfg.seed, step, micro, 1))
         noise = torch.randn(self.model_config.embedding_dim, cfg.sig_reg_slices,
                             generator=noise_gen).to(dev)
-        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16
-                    else contextlib.nullcontext())
-        with autocast:
-            representations, logits = self.module(tokens, pos)
-        ce_sum = cross_entropy_sum(logits.float(), targets)
-        loss = ce_sum / targets.numel()
-        if cfg.sig_reg_coefficient > 0:
-            flat = representations.float().reshape(-1, representations.shape[-1])
-            if cfg.sig_reg_positions and cfg.sig_reg_positions < flat.shape[0]:
-                # SIGReg is a mean over positions: a uniform random subset of them is an
-                # unbiased estimate of it, at a fraction of the cost (cos/sin of
-                # positions x slices x points dominates small models' steps).
-                subset = torch.randperm(flat.shape[0], generator=noise_gen)
-                flat = flat[subset[:cfg.sig_reg_positions].to(dev)]
-            loss = loss + self.sig_reg(flat, noise=noise)
-        return loss, float(ce_sum.detach()), int((targets != V1_PAD_TOKEN_ID).sum())
+        rows = None
+        positions = tokens.numel()
+        if (cfg.sig_reg_coefficient > 0 and cfg.sig_reg_positions
+                and cfg.sig_reg_positions < positions):
+            # SIGReg on a uniform random subset of positions: an unbiased estimate at a
+            # fraction of the cost (cos/sin of positions x slices x points dominates
+            # small models' steps).
+            rows = torch.randperm(positions, generator=noise_gen)[:cfg.sig_reg_positions]
+            rows = rows.to(dev)
+        terms = step_lib.backward(self.module, self.sig_reg, tokens, targets, pos,
+                                  noise=noise, sig_reg_rows=rows, autocast_bf16=cfg.bf16,
+                                  accumulation=accumulation)
+        return float(terms.loss.detach()), float(terms.ce_sum.detach()), batch.num_data_tokens
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over one global batch."""
@@ -562,19 +557,17 @@ class Trainer:
             elif cfg.parallel == "fsdp":
                 self.module.set_requires_gradient_sync(last)
             with sync:
-                loss, ce_sum, tokens = self._micro_batch_loss(phase.table, rows, self.step,
-                                                              micro)
-                (loss / phase.accumulation).backward()
-            loss_total += float(loss.detach())
+                loss, ce_sum, tokens = self._micro_batch(phase.table, rows, self.step, micro,
+                                                         phase.accumulation)
+            loss_total += loss
             ce_total += ce_sum
             token_total += tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            distrib.unwrap(self.module).parameters(),
-            cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         loss_mean, ce_sum_all, tokens_all = distrib.all_reduce_mean(
             ctx, [loss_total / phase.accumulation, ce_total, float(token_total)])
-        self._check_finite(loss_mean, grad_norm)
-        self.optimizer.step()
+        grad_norm = step_lib.apply_update(
+            self.optimizer, distrib.unwrap(self.module).parameters(),
+            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+            before_step=lambda norm: self._check_finite(loss_mean, norm))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += phase.batch_size * phase.seq_len
