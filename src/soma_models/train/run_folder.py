@@ -116,6 +116,12 @@ class RunLock:
         os.close(self._fd)  # closing drops the lock
         self._fd = None
 
+    def __del__(self) -> None:
+        # A lock whose owner was dropped without `release` (e.g. a Trainer never run):
+        # let it go with the object instead of with the process.
+        with contextlib.suppress(Exception):
+            self.release()
+
     def __enter__(self) -> Self:
         return self.acquire()
 

@@ -250,11 +250,11 @@ class Trainer:
     def _claim_out_dir(self) -> None:
         """Lock `out_dir` (rank 0) and check that this run may write there: a folder that
         holds a run needs --resume or --overwrite, and --resume needs a checkpoint."""
-        failure: TrainError | None = None
+        failure: Exception | None = None
         if self.ctx.is_main:
             try:
                 self._claim_out_dir_main()
-            except TrainError as exc:
+            except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
                 failure = exc
         message = distrib.broadcast_object(self.ctx, None if failure is None else str(failure))
         if failure is not None:
