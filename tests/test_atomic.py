@@ -216,3 +216,34 @@ def test_killed_init_leaves_no_litter_after_the_next_writer(tmp_path, signum):
                             "tiny"], capture_output=True, text=True, timeout=300, check=False)
     assert small.returncode == 0, small.stderr
     assert litter(tmp_path) == []  # ...the next writer cleans it up
+
+
+CHAINED = r"""
+import signal, sys, time
+from soma_models.atomic import atomic_write
+class Stop(Exception):
+    pass
+def stop(signum, frame):
+    raise Stop()
+signal.signal(signal.SIGTERM, stop)  # the application's own handler, installed first
+def pieces():
+    yield b"x"
+    print("writing", flush=True)
+    time.sleep(60)
+    yield b"y"
+try:
+    atomic_write(sys.argv[1], pieces())
+except Stop:
+    print("stopped", flush=True)
+"""
+
+
+def test_an_application_handler_still_runs_and_the_temporary_goes(tmp_path):
+    dest = tmp_path / "out.bin"
+    proc = subprocess.Popen([sys.executable, "-c", CHAINED, str(dest)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "stopped"
+    assert proc.wait(timeout=30) == 0
+    assert litter(tmp_path) == [] and not dest.exists()

@@ -6,9 +6,9 @@ destination, so a reader sees the old content or the new, never a partial one. T
 module owns those temporary names and makes sure they do not outlive their writer:
 
 * a normal error (any exception, Ctrl-C included) removes the temporary;
-* SIGTERM and SIGINT remove every temporary in flight before the process goes (handlers
-  are installed on first use, from the main thread, and chain to any handler that was
-  already there);
+* SIGTERM and SIGINT remove the temporaries in flight before the process goes (handlers
+  are installed on first use, from the main thread, and chain to any Python handler that
+  was already there, whose exception then unwinds the writer);
 * SIGKILL cannot be caught: the next writer into the same folder removes what a dead
   process left (`clean_stale`, called by `staging` itself).
 
@@ -109,33 +109,38 @@ def clean_stale(folder: PathLike) -> list[Path]:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    previous = _handled.get(signum)
+    if callable(previous):
+        # A Python handler (e.g. SIGINT's KeyboardInterrupt, or an application's own) runs
+        # as before; the exception it raises unwinds `staging`, which removes its temporary.
+        previous(signum, frame)
+        return
+    # The default action kills the process without unwinding anything: remove every
+    # temporary in flight (all threads), then die of the same signal, so that the exit
+    # status still says what happened.
     with _lock:
         pending = list(_in_flight)
         _in_flight.clear()
     for path in pending:
         _remove(path)
-    previous = _handled.get(signum)
-    if callable(previous):
-        previous(signum, frame)  # e.g. Python's SIGINT handler: raises KeyboardInterrupt
-        return
-    if previous == signal.SIG_IGN:
-        return
-    # Default action: die of the same signal, so the exit status says what happened.
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
 
 def install_signal_cleanup() -> None:
-    """Remove temporaries in flight on SIGTERM/SIGINT, then do what the signal did before.
+    """Make SIGTERM and SIGINT remove the temporaries in flight. Idempotent.
 
-    Idempotent. Only the main thread may install signal handlers; from any other thread
-    this does nothing (the next writer's `clean_stale` is the fallback).
+    A signal whose current handler is a Python function keeps it (we call it first; the
+    exception it raises unwinds `staging`); one that kills by default removes every
+    temporary in flight, then kills; an ignored signal stays ignored. Only the main thread
+    may install signal handlers; from any other thread this does nothing (the next
+    writer's `clean_stale` is the fallback).
     """
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
         current = signal.getsignal(signum)
-        if current is _on_signal:
+        if current is _on_signal or current in (signal.SIG_IGN, None):
             continue
         try:
             signal.signal(signum, _on_signal)
