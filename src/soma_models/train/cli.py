@@ -132,11 +132,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-fraction", type=_setting("val_fraction"),
                    help=f"held-out share (default {_default('val_fraction')})")
     d.add_argument("--split", choices=("file", "bytes"),
-                   help="hold out whole files or each file's tail (default bytes)")
+                   help=f"hold out whole files or each file's tail (default {_default('split')})")
     d.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False)
 
     m = p.add_argument_group("model")
-    m.add_argument("--config", help=f"size preset: {', '.join(PRESETS)} (default tiny)")
+    m.add_argument("--config", help=f"size preset: {', '.join(PRESETS)} (default "
+                                    f"{_default('config')}; v1 has the revision's layers)")
     for name in ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim"):
         m.add_argument(options.option_name(name), type=positive_int,
                        help="override the preset's value")

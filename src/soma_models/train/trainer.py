@@ -20,11 +20,20 @@ Hence
 Global batch = `micro_batch_size * accumulation * world_size` chunks. Global micro-batch
 `m` of a step goes to rank `m % world_size`.
 
-Sequence-length curriculum. The chain scores 8192-byte sequences; a small model trained
-only on short ones attends poorly over long contexts. `final_seq_len` / `final_steps`
+Sequence-length curriculum. The chain scores sequences of its protocol revision's
+`max_seq_len` (1024 bytes under "0.1.7", 8192 under "0.1.1"); a small model trained only
+on short ones attends poorly over long contexts. `final_seq_len` / `final_steps`
 make the last `final_steps` steps use `final_seq_len`-long chunks, with the batch cut
 to keep the tokens per step (`batch_size * seq_len / final_seq_len` sequences, one per
 micro-batch). Short steps are cheap and learn fast; the final ones teach long contexts.
+
+Run management. A run owns its folder (`run_folder.RunLock`) while it runs; it refuses a
+folder holding another run unless resuming it (`resume`, every setting that decides the
+weights as the checkpoint has it) or replacing it (`overwrite`); it stops before an
+optimizer step whose loss or gradient norm is not finite, and never saves non-finite
+weights; SIGTERM and SIGINT stop it with an exception, so no half-written checkpoint
+remains. `protocol` picks the revision the exact score (and the SIGReg slices default)
+follows.
 """
 
 from __future__ import annotations
