@@ -288,3 +288,9 @@ def test_protocol_sets_the_score_and_the_sig_reg_default(corpus, tmp_path, proto
                      sig_reg_config=SIGRegConfig(slices=slices), max_seq_len=max_seq_len,
                      batch_size=batch_size)
     assert result.score == pytest.approx(float(expected.loss), rel=1e-6, abs=1e-6)
+
+
+def test_an_unknown_protocol_is_a_settings_error(corpus, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"^--protocol: unknown protocol revision '9'"):
+        Trainer(small_config(corpus, tmp_path / "run", protocol="9"))
+    assert not (tmp_path / "run").exists()

@@ -231,8 +231,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: distrib.DistContext | None = None):
         try:
             self.revision = cfg.revision()
-        except ValueError as exc:
-            raise TrainConfigError(f"--protocol: {exc}") from None
+        except ValueError as exc:  # the argument's, or SOMA_MODELS_PROTOCOL's (it says so)
+            raise TrainConfigError(f"--protocol: {exc}" if cfg.protocol is not None
+                                   else str(exc)) from None
         self.cfg = cfg = cfg.resolved()
         self.out_dir = Path(cfg.out_dir)
         self._lock: RunLock | None = None
