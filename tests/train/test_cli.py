@@ -148,8 +148,7 @@ def test_paths_that_are_folders_or_missing(capsys, corpus, tmp_path):
     (tmp_path / "a-file").write_text("x")
     cases = [(["--init-from", tmp_path], f"{tmp_path}: is a directory, expected a file"),
              (["--init-from", tmp_path / "none.safetensors"], "none.safetensors: no such file"),
-             (["--out", tmp_path / "a-file"], f"{tmp_path / 'a-file'}: exists and is not a "
-                                              f"folder")]
+             (["--out", tmp_path / "a-file"], f"{tmp_path / 'a-file'}: exists and is not a folder")]
     for args, expected in cases:
         code, _, err = run_cli(capsys, "--data", corpus, *SMALL, *args)
         assert code == 2 and expected in one_error_line(err), err
@@ -164,7 +163,7 @@ def test_an_occupied_out_is_one_line_and_names_the_way_out(capsys, trained):
     assert f"--out {out} already holds a run" in line
     assert "--resume" in line and "--overwrite" in line
     assert (out / "model.safetensors").read_bytes() == before
-    code, out_text, err = run_cli(capsys, "--data", corpus, "--out", out, *SMALL, "--overwrite")
+    code, _, err = run_cli(capsys, "--data", corpus, "--out", out, *SMALL, "--overwrite")
     assert code == 0, err
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from soma_models.train.trainer import Trainer, train
 
 from .conftest import small_config
 
-RUN = dict(steps=6, checkpoint_every=2, eval_every=6, keep_checkpoints=5)
+RUN = {"steps": 6, "checkpoint_every": 2, "eval_every": 6, "keep_checkpoints": 5}
 
 
 def weights(path):
