@@ -301,7 +301,7 @@ def child_train(case: TrainCase) -> dict:
     import numpy as np
     import torch
 
-    from soma_models.train.trainer import Trainer, TrainConfig
+    from soma_models.train.trainer import TrainConfig, Trainer
 
     folder = tempfile.mkdtemp(prefix="soma-bench-")
     corpus = os.path.join(folder, "corpus.bin")

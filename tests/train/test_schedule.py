@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -38,14 +39,14 @@ def test_learning_rate_matches_an_independent_computation(peak, warmup, total, m
 
 
 def test_landmarks():
-    kw = dict(peak=1e-3, warmup_steps=100, total_steps=1000, min_ratio=0.1)
+    kw = {"peak": 1e-3, "warmup_steps": 100, "total_steps": 1000, "min_ratio": 0.1}
     assert learning_rate(0, **kw) == pytest.approx(1e-5)
     assert learning_rate(99, **kw) == pytest.approx(1e-3)       # warmup ends at the peak
     assert learning_rate(100, **kw) == pytest.approx(1e-3)      # the cosine starts there
     assert learning_rate(550, **kw) == pytest.approx(0.55e-3)   # half-way: mid value
     assert learning_rate(1000, **kw) == pytest.approx(1e-4)
     rates = [learning_rate(s, **kw) for s in range(100, 1001)]
-    assert all(a >= b for a, b in zip(rates, rates[1:]))        # monotone decay
+    assert all(a >= b for a, b in itertools.pairwise(rates))    # monotone decay
 
 
 @pytest.mark.parametrize("peak,warmup,total,min_ratio", SETTINGS)

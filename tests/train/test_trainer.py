@@ -122,3 +122,12 @@ def test_the_trainers_step_is_the_librarys(corpus, tmp_path):
     for (name, got), want in zip(model.state_dict().items(),
                                  reference.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_speed_options_come_from_prepare_model_and_keep_the_step(corpus, tmp_path):
+    plain = Trainer(small_config(corpus, tmp_path / "a"))
+    checkpointed = Trainer(small_config(corpus, tmp_path / "b", activation_checkpointing=True))
+    assert checkpointed.module.model.encoder.activation_checkpointing
+    a, b = plain.train_step(), checkpointed.train_step()
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)

@@ -135,7 +135,9 @@ class TrainConfig:
     sig_reg_coefficient: float = V1_SIG_REG_COEFFICIENT
     sig_reg_slices: int | None = None    # None: the protocol revision's (256 or 1024)
     sig_reg_positions: int | None = None  # SIGReg on a random subset of positions (unbiased)
-    bf16: bool = False
+    bf16: bool = False                   # bfloat16 autocast (train_step.check_bf16_autocast)
+    activation_checkpointing: bool = False  # speed/memory options: train_step.prepare_model
+    compile: bool = False
     seed: int = 0
     # --- watching and saving ---
     eval_every: int = 100
@@ -383,6 +385,8 @@ class Trainer:
                 raise TrainError(" ".join(str(exc).split())) from None
             model.load_state_dict(source.state_dict())
         model.to(ctx.device)
+        step_lib.prepare_model(model, activation_checkpointing=cfg.activation_checkpointing,
+                               compile=cfg.compile)
         self.param_names = [name for name, _ in model.named_parameters()]
         self.module = distrib.wrap(distrib.TrainingModule(model), cfg.parallel, ctx)
         self.sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices,

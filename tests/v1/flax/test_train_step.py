@@ -10,15 +10,15 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import optax
+from flax import nnx
 
-from soma_models.v1.configs import ModelConfig, SIGRegConfig  # noqa: E402
-from soma_models.v1.flax.loss import compute_loss  # noqa: E402
-from soma_models.v1.flax.modules.model import Model  # noqa: E402
-from soma_models.v1.flax.modules.sig_reg import SIGReg  # noqa: E402
-from soma_models.v1.flax.train_step import decay_mask, make_optimizer, train_step  # noqa: E402
+from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.flax.loss import compute_loss
+from soma_models.v1.flax.modules.model import Model
+from soma_models.v1.flax.modules.sig_reg import SIGReg
+from soma_models.v1.flax.train_step import decay_mask, make_optimizer, train_step
 
 CONFIG = ModelConfig(embedding_dim=16, pwff_hidden_dim=32, num_layers=1, num_heads=2)
 
