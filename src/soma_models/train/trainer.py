@@ -89,15 +89,16 @@ from soma_models.v1.torch.modules import Model, SIGReg
 SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
 
 #: Settings `--resume` may change: they decide where and how a run is watched, saved and
-#: scheduled on hardware, not the weights it reaches (micro-batch size and process count
-#: change float summation order only). Every other setting must match the checkpoint's;
+#: scheduled on hardware, not the weights it reaches (micro-batch size, process count and
+#: compilation change float summation order only; activation checkpointing nothing). Every other setting must match the checkpoint's;
 #: the model sizes are compared through the model config, the data through its
 #: fingerprint, and `init_from` only matters before the first step.
 RESUME_MAY_CHANGE = frozenset({
     "data", "out_dir", "resume", "overwrite", "protocol", "init_from", "config", "dropout",
     *SIZE_FIELDS, "micro_batch_size", "eval_every", "eval_batch_size", "score_every",
     "score_seed", "score_seq_len", "score_batch_size", "checkpoint_every",
-    "keep_checkpoints", "max_minutes", "progress", "plot", "device", "threads", "parallel"})
+    "keep_checkpoints", "max_minutes", "progress", "plot", "device", "threads", "parallel",
+    "activation_checkpointing", "compile"})
 
 
 @dataclass
