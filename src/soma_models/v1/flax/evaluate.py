@@ -18,7 +18,6 @@ from flax import nnx
 
 from soma_models.v1.backend import PieceTerms, RowTerms
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
-from soma_models.v1.flax import serde
 from soma_models.v1.flax.loss import cross_entropy_rows, cross_entropy_sum
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import sig_reg_position_values, sig_reg_statistic
@@ -79,9 +78,9 @@ class FlaxBackend:
                 raise ValueError("model_config differs from the loaded model's config")
             model = source
         elif isinstance(source, dict):
-            model = serde.from_arrays(source, model_config)
+            model = Model.from_arrays(source, model_config)
         else:
-            model = serde.load(source, model_config)  # type: ignore[arg-type]
+            model = Model.load(source, model_config)  # type: ignore[arg-type]
         return cls(model, sig_reg_config)
 
     def _run(self, forward, token_ids: np.ndarray, targets: np.ndarray,
