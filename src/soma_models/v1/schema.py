@@ -305,3 +305,24 @@ def read_weights(
     _warn(weights.name, notes)
     arrays = {spec.key: weights.float32(spec.key) for spec in param_specs(config)}
     return config, arrays, weights.name
+
+
+def read_tensors(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    expected: Mapping[str, tuple[int, ...]],
+) -> tuple[dict[str, np.ndarray], str]:
+    """`read_weights` for any `{key: shape}` (e.g. one block's canonical tensors).
+
+    Returns `({key: float32 array}, name)`, checked and converted as `read_weights` does,
+    with the same one-line warnings; every problem is raised at once as a `WeightsError`.
+    """
+    weights = SafetensorsFile(source)
+    check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()}, expected)
+    if not check.ok:
+        raise WeightsError(weights.name, check.errors)
+    notes = [duplicates_note(weights.duplicates)] if weights.duplicates else []
+    notes += check.warnings
+    if check.converted:
+        notes.append(conversion_note(check.converted))
+    _warn(weights.name, notes)
+    return {key: weights.float32(key) for key in expected}, weights.name
