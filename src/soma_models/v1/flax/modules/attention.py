@@ -25,26 +25,11 @@ import numpy as np
 from flax import nnx
 
 from soma_models.v1.configs import V1_MASK_FILL_VALUE, ModelConfig
+from soma_models.v1.flax.numerics import HIGHEST, exact_divide
 from soma_models.v1.rope import rope_timescales
 
-# Every matmul runs in true float32, whatever the backend's default (TF32 on GPUs).
-HIGHEST = jax.lax.Precision.HIGHEST
 # Queries (and keys) per block. Sequences up to this length use the materialised path.
 BLOCK_SIZE = 256
-INIT_STD = 0.02
-
-
-def exact_divide(numerator: jax.Array, denominator: jax.Array | float) -> jax.Array:
-    """`numerator / denominator`, correctly rounded even when the denominator broadcasts.
-
-    XLA rewrites `a / broadcast(b)` into `a * broadcast(1 / b)`, which is off by an ulp
-    for about a quarter of RoPE's angles; at positions ~1e6 that turns into visible
-    rotation errors. Materialising the broadcast behind an optimisation barrier keeps
-    the true division.
-    """
-    shape = jnp.broadcast_shapes(jnp.shape(numerator), jnp.shape(denominator))
-    denominator = jnp.broadcast_to(jnp.asarray(denominator, dtype=jnp.float32), shape)
-    return numerator / jax.lax.optimization_barrier(denominator)
 
 
 def apply_rope(x: jax.Array, pos_ids: jax.Array | np.ndarray, max_wavelength: float,
@@ -179,26 +164,21 @@ class MultiHeadAttention(nnx.Module):
     """Causal self-attention: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`.
 
     Kernels are split-head: query/key/value `[D, H, hd]` (bias `[H, hd]`), output
-    `[H, hd, D]`; they reshape to and from the canonical flat `[D, D]`.
+    `[H, hd, D]`; they reshape to and from the canonical flat `[D, D]`. Parameters start
+    at Flax's defaults; `Model` applies the V1 init rule.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
-                 output_init_std: float = INIT_STD):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dim, heads, head_dim = config.embedding_dim, config.num_heads, config.head_dim
         self.num_heads = heads
         self.head_dim = head_dim
         self.max_wavelength = config.max_wavelength
         self.scale_factor = config.scale_factor
         self.dropout_rate = config.dropout_rate
-        normal = nnx.initializers.normal(INIT_STD)
-        self.query = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                       precision=HIGHEST, rngs=rngs)
-        self.key = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                     precision=HIGHEST, rngs=rngs)
-        self.value = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                       precision=HIGHEST, rngs=rngs)
+        self.query = nnx.LinearGeneral(dim, (heads, head_dim), precision=HIGHEST, rngs=rngs)
+        self.key = nnx.LinearGeneral(dim, (heads, head_dim), precision=HIGHEST, rngs=rngs)
+        self.value = nnx.LinearGeneral(dim, (heads, head_dim), precision=HIGHEST, rngs=rngs)
         self.output = nnx.LinearGeneral((heads, head_dim), dim, axis=(-2, -1),
-                                        kernel_init=nnx.initializers.normal(output_init_std),
                                         precision=HIGHEST, rngs=rngs)
         #: Set by `model.train()` / `model.eval()`; dropout only when False.
         self.deterministic = False

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 from flax import nnx
 
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig
-from soma_models.v1.flax.modules.attention import INIT_STD, MultiHeadAttention
+from soma_models.v1.flax.modules.attention import MultiHeadAttention
 from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
 
 
@@ -18,18 +16,13 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Layer(nnx.Module):
-    """x + Attention(LN_1(x)), then x + PWFF(LN_2(x)); `[B, S, D]` -> `[B, S, D]`.
-
-    The two projections feeding the residual stream (attention output, linear_outer)
-    start with std 0.02 / sqrt(2 * num_layers), as in the PyTorch model.
-    """
+    """x + Attention(LN_1(x)), then x + PWFF(LN_2(x)); `[B, S, D]` -> `[B, S, D]`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        residual_std = INIT_STD / math.sqrt(2 * config.num_layers)
         self.norm_1 = layer_norm(config.embedding_dim, rngs)
-        self.attention = MultiHeadAttention(config, rngs=rngs, output_init_std=residual_std)
+        self.attention = MultiHeadAttention(config, rngs=rngs)
         self.norm_2 = layer_norm(config.embedding_dim, rngs)
-        self.pwff = PositionWiseFeedForward(config, rngs=rngs, output_init_std=residual_std)
+        self.pwff = PositionWiseFeedForward(config, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout_rate,
                                    rngs=rngs if config.dropout_rate > 0.0 else None)
 

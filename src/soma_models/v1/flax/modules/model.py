@@ -11,9 +11,28 @@ import numpy as np
 from flax import nnx
 
 from soma_models.v1.configs import ModelConfig
-from soma_models.v1.flax.modules.attention import HIGHEST, INIT_STD
 from soma_models.v1.flax.modules.encoder import Encoder
 from soma_models.v1.flax.modules.layer import layer_norm
+from soma_models.v1.flax.numerics import HIGHEST
+from soma_models.v1.initialization import initial_mean, initial_std
+from soma_models.v1.schema import ParamSpec, param_specs
+
+_FLAX_LEAF = {"embedding": "embedding", "linear_weight": "kernel", "linear_bias": "bias",
+              "norm_gamma": "scale", "norm_beta": "bias"}
+
+
+def flax_variable(model: Model, spec: ParamSpec) -> nnx.Param:
+    """The `nnx.Param` holding canonical parameter `spec` (same shape up to a reshape).
+
+    The key's dotted path is walked through the model; the leaf is renamed: LayerNorm
+    `gamma`/`beta` are `scale`/`bias`, linear `weight` is `kernel` (both `[in, out]`),
+    the embedding's `weight` is `embedding`.
+    """
+    *path, _ = spec.key.split(".")
+    node: object = model
+    for part in path:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)  # type: ignore[index]
+    return getattr(node, _FLAX_LEAF[spec.kind])
 
 
 def default_pos_ids(token_ids: jax.Array) -> jax.Array:
@@ -37,20 +56,31 @@ def _check_token_range(token_ids: jax.Array, vocab_size: int) -> None:
 class Model(nnx.Module):
     """V1 transformer. token_ids `[B, S]` (int), pos_ids `[B, S]` -> logits `[B, S, vocab]`.
 
-    From-scratch init (as the PyTorch model): N(0, 0.02) weights, zero biases, unit norms;
-    the residual projections use 0.02 / sqrt(2 * num_layers). Dropout (if the config has
-    any) draws from `rngs`' "dropout" stream and is active only in `model.train()` mode.
+    From-scratch init: the schema's rule (`soma_models.v1.initialization`), as the
+    PyTorch model, drawn from `rngs`' "params" stream. Dropout (if the config has any)
+    draws from the "dropout" stream and is active only in `model.train()` mode.
     """
 
     def __init__(self, config: ModelConfig | None = None, *, rngs: nnx.Rngs):
         self.config = config = config or ModelConfig()
-        normal = nnx.initializers.normal(INIT_STD)
-        self.embedding = nnx.Embed(config.vocab_size, config.embedding_dim,
-                                   embedding_init=normal, rngs=rngs)
+        self.embedding = nnx.Embed(config.vocab_size, config.embedding_dim, rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
         self.final_norm = layer_norm(config.embedding_dim, rngs)
-        self.predictor = nnx.Linear(config.embedding_dim, config.vocab_size, kernel_init=normal,
+        self.predictor = nnx.Linear(config.embedding_dim, config.vocab_size,
                                     precision=HIGHEST, rngs=rngs)
+        self.reset_parameters(rngs)
+
+    def reset_parameters(self, rngs: nnx.Rngs) -> None:
+        """From-scratch init: every canonical parameter drawn by the schema's rule, in
+        schema order, from `rngs`' "params" stream."""
+        for spec in param_specs(self.config):
+            variable = flax_variable(self, spec)
+            std = initial_std(spec, self.config)
+            value = jnp.full(variable.shape, initial_mean(spec), dtype=jnp.float32)
+            if std != 0.0:
+                value = value + std * jax.random.normal(rngs.params(), variable.shape,
+                                                        dtype=jnp.float32)
+            variable.set_value(value)
 
     def encode(self, token_ids: jax.Array | np.ndarray,
                pos_ids: jax.Array | np.ndarray | None = None) -> jax.Array:
