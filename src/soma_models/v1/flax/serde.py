@@ -26,11 +26,28 @@ from flax import nnx
 from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.v1.configs import ModelConfig
-from soma_models.v1.flax.modules.model import flax_variable
-from soma_models.v1.schema import checked_arrays, file_metadata, param_specs, read_weights
+from soma_models.v1.schema import (
+    ParamSpec,
+    checked_arrays,
+    file_metadata,
+    param_specs,
+    read_weights,
+)
 
 if TYPE_CHECKING:
     from soma_models.v1.flax.modules.model import Model
+
+_FLAX_LEAF = {"embedding": "embedding", "linear_weight": "kernel", "linear_bias": "bias",
+              "norm_gamma": "scale", "norm_beta": "bias"}
+
+
+def flax_variable(model: Model, spec: ParamSpec) -> nnx.Param:
+    """The `nnx.Param` holding canonical parameter `spec` (same shape up to a reshape)."""
+    *path, _ = spec.key.split(".")
+    node: object = model
+    for part in path:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)  # type: ignore[index]
+    return getattr(node, _FLAX_LEAF[spec.kind])
 
 
 def canonical_arrays(model: Model) -> dict[str, np.ndarray]:

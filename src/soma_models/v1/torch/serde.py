@@ -19,11 +19,24 @@ import torch
 from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.v1.configs import ModelConfig
-from soma_models.v1.schema import checked_arrays, file_metadata, param_specs, read_weights
-from soma_models.v1.torch.modules.model import torch_name
+from soma_models.v1.schema import (
+    ParamSpec,
+    checked_arrays,
+    file_metadata,
+    param_specs,
+    read_weights,
+)
 
 if TYPE_CHECKING:
     from soma_models.v1.torch.modules.model import Model
+
+_TORCH_SUFFIX = {"norm_gamma": "weight", "norm_beta": "bias"}
+
+
+def torch_name(spec: ParamSpec) -> str:
+    """The `state_dict` name of a canonical parameter."""
+    prefix, _, leaf = spec.key.rpartition(".")
+    return f"{prefix}.{_TORCH_SUFFIX.get(spec.kind, leaf)}"
 
 
 def canonical_arrays(model: Model) -> dict[str, np.ndarray]:

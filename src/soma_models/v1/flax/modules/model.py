@@ -14,25 +14,9 @@ from soma_models.v1.configs import ModelConfig
 from soma_models.v1.flax.modules.encoder import Encoder
 from soma_models.v1.flax.modules.layer import layer_norm
 from soma_models.v1.flax.numerics import HIGHEST
+from soma_models.v1.flax.serde import flax_variable
 from soma_models.v1.initialization import initial_mean, initial_std
-from soma_models.v1.schema import ParamSpec, param_specs
-
-_FLAX_LEAF = {"embedding": "embedding", "linear_weight": "kernel", "linear_bias": "bias",
-              "norm_gamma": "scale", "norm_beta": "bias"}
-
-
-def flax_variable(model: Model, spec: ParamSpec) -> nnx.Param:
-    """The `nnx.Param` holding canonical parameter `spec` (same shape up to a reshape).
-
-    The key's dotted path is walked through the model; the leaf is renamed: LayerNorm
-    `gamma`/`beta` are `scale`/`bias`, linear `weight` is `kernel` (both `[in, out]`),
-    the embedding's `weight` is `embedding`.
-    """
-    *path, _ = spec.key.split(".")
-    node: object = model
-    for part in path:
-        node = node[int(part)] if part.isdigit() else getattr(node, part)  # type: ignore[index]
-    return getattr(node, _FLAX_LEAF[spec.kind])
+from soma_models.v1.schema import param_specs
 
 
 def default_pos_ids(token_ids: jax.Array) -> jax.Array:

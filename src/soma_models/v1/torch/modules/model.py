@@ -10,18 +10,9 @@ from torch import nn
 
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig
 from soma_models.v1.initialization import initial_mean, initial_std
-from soma_models.v1.schema import ParamSpec, param_specs
+from soma_models.v1.schema import param_specs
 from soma_models.v1.torch.modules.encoder import Encoder
-
-# LayerNorm's gamma/beta are torch's weight/bias; every other leaf keeps its name.
-_TORCH_LEAF = {"norm_gamma": "weight", "norm_beta": "bias"}
-
-
-def torch_name(spec: ParamSpec) -> str:
-    """The `state_dict` name of a canonical parameter (linear weights are stored
-    transposed, `[out, in]`)."""
-    prefix, _, leaf = spec.key.rpartition(".")
-    return f"{prefix}.{_TORCH_LEAF.get(spec.kind, leaf)}"
+from soma_models.v1.torch.serde import torch_name
 
 
 def default_pos_ids(token_ids: torch.Tensor) -> torch.Tensor:
