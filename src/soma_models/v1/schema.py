@@ -112,9 +112,15 @@ def check_tensors(
     Missing keys and shape mismatches make the runtime reject the file; a non-float32
     dtype is refused too. Extra keys are only warnings: the runtime ignores them.
     """
+    return check_shapes(found, expected_shapes(config))
+
+
+def check_shapes(
+    found: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]]
+) -> SchemaCheck:
+    """`check_tensors` against any `{key: shape}` (e.g. one block's canonical tensors)."""
     errors: list[str] = []
     warnings: list[str] = []
-    expected = expected_shapes(config)
     missing = [k for k in expected if k not in found]
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")

@@ -7,17 +7,23 @@ position repeats the offset just past the data (it does not keep counting). Targ
 each row's token_ids shifted left by one with PAD as the last target. Consecutive chunks
 are grouped into batches of `batch_size`; the last batch may be smaller.
 
-Two forms:
+Three forms:
 
 * `tokenize(data)` -> list of `Batch` with nested Python lists (the product page's API);
+* `tokenize_sequences(data)` -> list of `TokenizedSequence`, one per chunk (the form of
+  the published soma-models 0.1.7, whose `tokenize` returned it);
 * `iter_batches(data)` -> lazy iterator of `ArrayBatch` with NumPy arrays, which never
   builds Python lists and holds one batch at a time (use it for large data).
+
+`tokenize` and `tokenize_sequences` return `[]` for empty data, as the published package
+does; `iter_batches`, and so scoring, refuses it, as the runtime does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +44,18 @@ class Batch:
     token_ids: list[list[int]]
     targets: list[list[int]]
     pos_ids: list[list[int]]
+
+
+#: The published soma-models 0.1.1's name for `Batch`.
+ByteSequenceBatch = Batch
+
+
+class TokenizedSequence(NamedTuple):
+    """One chunk (one row of a batch) as lists, each `[seq_len]`; unpacks as a tuple."""
+
+    token_ids: list[int]
+    targets: list[int]
+    pos_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -157,5 +175,26 @@ def tokenize(
     max_seq_len: int = V1_MAX_SEQ_LEN,
     batch_size: int = V1_BATCH_SIZE,
 ) -> list[Batch]:
-    """Apply the data contract and return every batch as nested lists."""
+    """Apply the data contract and return every batch as nested lists (`[]` if empty)."""
+    if len(_as_byte_view(data)) == 0:
+        _check_sizes(max_seq_len, batch_size)
+        return []
     return [b.to_batch() for b in iter_batches(data, max_seq_len, batch_size)]
+
+
+def tokenize_sequences(
+    data: BytesLike, max_seq_len: int = V1_MAX_SEQ_LEN
+) -> list[TokenizedSequence]:
+    """Apply the data contract and return every chunk as a `TokenizedSequence` (`[]` if empty).
+
+    The same rows as `tokenize`, not grouped into batches: what the published 0.1.7's
+    `tokenize(data, max_seq_len)` returned, so code written for it needs one change,
+    `tokenize(...)` -> `tokenize_sequences(...)`.
+    """
+    if len(_as_byte_view(data)) == 0:
+        _check_sizes(max_seq_len, 1)
+        return []
+    return [TokenizedSequence(*rows)
+            for batch in iter_batches(data, max_seq_len)
+            for rows in zip(batch.token_ids.tolist(), batch.targets.tolist(),
+                            batch.pos_ids.tolist())]

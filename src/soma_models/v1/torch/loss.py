@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soma_models.v1.aliases import pick
 from soma_models.v1.configs import V1_PAD_TOKEN_ID
 from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.sig_reg import SIGReg
@@ -13,8 +14,10 @@ from soma_models.v1.torch.modules.sig_reg import SIGReg
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ over non-PAD targets of -log_softmax(logits)[target]. logits `[..., V]`."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=V1_PAD_TOKEN_ID, reduction="sum")
+    # cross_entropy indexes with int64 only; ids arrive as int32 (iter_batches) or narrower.
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                           targets.reshape(-1).long(), ignore_index=V1_PAD_TOKEN_ID,
+                           reduction="sum")
 
 
 def _as_tensor(x: object, device: torch.device) -> torch.Tensor:
@@ -30,10 +33,13 @@ def compute_loss(
     targets: torch.Tensor,
     pos_ids: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable on-chain loss of one batch, and its embedding.
 
-    token_ids, targets, pos_ids: `[B, S]`; `pos_ids=None` means `0..S-1` on every row.
+    token_ids, targets, pos_ids (alias `positions`): `[B, S]`, any integer dtype;
+    `pos_ids=None` means `0..S-1` on every row.
     noise: `[D, slices]` (None draws it from torch's RNG).
     Returns `(loss, embedding)`: a scalar, and `[D]` = mean over sequence, then batch,
     of the representations (PAD/EOS positions included, as on chain).
@@ -47,6 +53,9 @@ def compute_loss(
     if token_ids.shape != targets.shape or token_ids.ndim != 2:
         raise ValueError(f"token_ids and targets must both be [batch, seq_len], got "
                          f"{list(token_ids.shape)} and {list(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+    pos_ids = pick("compute_loss", "pos_ids", pos_ids, "positions", positions)
     if pos_ids is not None:
         pos_ids = _as_tensor(pos_ids, device)
     if noise is not None:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig
+from soma_models.v1.aliases import pick
+from soma_models.v1.configs import (
+    V1_LAYER_NORM_EPS,
+    LayerConfig,
+    ModelConfig,
+    PositionWiseFeedForwardConfig,
+)
 from soma_models.v1.flax.modules.attention import MultiHeadAttention
 from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
+
+__all__ = ["Layer", "LayerConfig", "MultiHeadAttention", "PositionWiseFeedForward",
+           "PositionWiseFeedForwardConfig", "layer_norm"]
 
 
 def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -16,9 +25,14 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Layer(nnx.Module):
-    """x + Attention(LN_1(x)), then x + PWFF(LN_2(x)); `[B, S, D]` -> `[B, S, D]`."""
+    """x + Attention(LN_1(x)), then x + PWFF(LN_2(x)); `[B, S, D]` -> `[B, S, D]`.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `config`: a `LayerConfig`, or any config with its fields (`ModelConfig`,
+    `EncoderConfig`). Parameters start at Flax's defaults; `Model` applies the V1 init
+    rule (`soma_models.v1.initialization`).
+    """
+
+    def __init__(self, config: LayerConfig | ModelConfig, rngs: nnx.Rngs):
         self.norm_1 = layer_norm(config.embedding_dim, rngs)
         self.attention = MultiHeadAttention(config, rngs=rngs)
         self.norm_2 = layer_norm(config.embedding_dim, rngs)
@@ -26,6 +40,10 @@ class Layer(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout_rate,
                                    rngs=rngs if config.dropout_rate > 0.0 else None)
 
-    def __call__(self, x: jax.Array, pos_ids: jax.Array) -> jax.Array:
+    def __call__(self, context: jax.Array, pos_ids: jax.Array | None = None, *,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """`context` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1."""
+        x = context
+        pos_ids = pick("Layer", "pos_ids", pos_ids, "positions", positions)
         x = x + self.dropout(self.attention(self.norm_1(x), pos_ids))
         return x + self.dropout(self.pwff(self.norm_2(x)))

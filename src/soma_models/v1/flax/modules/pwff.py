@@ -5,17 +5,20 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from soma_models.v1.configs import ModelConfig
+from soma_models.v1.configs import ModelConfig, PositionWiseFeedForwardConfig
 from soma_models.v1.flax.numerics import HIGHEST
+
+__all__ = ["PositionWiseFeedForward", "PositionWiseFeedForwardConfig"]
 
 
 class PositionWiseFeedForward(nnx.Module):
     """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer.
 
+    `config`: a `PositionWiseFeedForwardConfig`, or any config with its fields.
     Parameters start at Flax's defaults; `Model` applies the V1 init rule.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: PositionWiseFeedForwardConfig | ModelConfig, rngs: nnx.Rngs):
         self.linear_inner = nnx.Linear(config.embedding_dim, config.pwff_hidden_dim,
                                        precision=HIGHEST, rngs=rngs)
         self.linear_outer = nnx.Linear(config.pwff_hidden_dim, config.embedding_dim,
