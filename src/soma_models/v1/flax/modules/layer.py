@@ -12,7 +12,7 @@ from soma_models.v1.configs import (
     ModelConfig,
     PositionWiseFeedForwardConfig,
 )
-from soma_models.v1.flax.modules.attention import MultiHeadAttention
+from soma_models.v1.flax.modules.attention import MultiHeadAttention, RopeTables
 from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
 
 __all__ = ["Layer", "LayerConfig", "MultiHeadAttention", "PositionWiseFeedForward",
@@ -41,9 +41,11 @@ class Layer(nnx.Module):
                                    rngs=rngs if config.dropout_rate > 0.0 else None)
 
     def __call__(self, context: jax.Array, pos_ids: jax.Array | None = None, *,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """`context` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1."""
+                 positions: jax.Array | None = None,
+                 rope: RopeTables | None = None) -> jax.Array:
+        """`context` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1;
+        `rope`: precomputed RoPE tables (`MultiHeadAttention.rope_tables`)."""
         x = context
         pos_ids = pick("Layer", "pos_ids", pos_ids, "positions", positions)
-        x = x + self.dropout(self.attention(self.norm_1(x), pos_ids))
+        x = x + self.dropout(self.attention(self.norm_1(x), pos_ids, rope=rope))
         return x + self.dropout(self.pwff(self.norm_2(x)))
