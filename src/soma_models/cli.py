@@ -1,8 +1,11 @@
 """The `soma-models` command: score, validate, inspect, init, encrypt, decrypt (and train).
 
-User errors (missing file, damaged weights, wrong key, empty data, bad seed) print one
-line `soma-models: error: ...` on stderr and exit with status 1; usage errors exit 2.
-Set SOMA_MODELS_DEBUG=1 to get the traceback instead.
+Options and paths are checked while the command line is parsed, before any work starts:
+a bad one is one line `soma-models: error: argument ...` with exit status 2. Problems met
+while working (damaged weights, wrong key, empty data) print one line
+`soma-models: error: ...` and exit with status 1; warnings are one line each. Set
+SOMA_MODELS_DEBUG=1 to get the traceback instead. Argument types, the error handler and
+the warning format are shared with `soma-models train` (`soma_models.cli_common`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import importlib.util
 import json
 import math
 import mmap
-import os
-import struct
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,19 @@ from typing import Any
 import numpy as np
 
 from soma_models import __version__
-from soma_models.v1.noise import check_seed
+from soma_models.cli_common import (
+    Parser,
+    UserError,
+    device,
+    input_file,
+    micro_batch,
+    output_file,
+    positive_int,
+    run,
+    seed,
+)
 
 PROG = "soma-models"
-
-
-class UserError(Exception):
-    """A problem with the command's input, reported as one line."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -37,9 +45,9 @@ def _read_data(path: str) -> object:
     """The data file's bytes, memory-mapped (read-only) so large data is not copied."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{path}: no such data file")
+        raise UserError(f"--data {path}: no such data file")
     if file.stat().st_size == 0:
-        raise UserError(f"{path}: data is empty: the runtime refuses it "
+        raise UserError(f"--data {path}: data is empty: the runtime refuses it "
                         "('data loader produced no batches')")
     with open(file, "rb") as fh:
         # The map lives as long as the view (the process, for a CLI command).
@@ -50,20 +58,22 @@ def _parse_target(text: str) -> np.ndarray:
     """A target embedding from a file (.npy, JSON list, or numbers separated by commas or
     whitespace) or from an inline comma-separated list."""
     path = Path(text)
+    if path.is_dir():
+        raise UserError(f"--target {text}: is a directory, expected a file or a list")
     if path.is_file():
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
         else:
             content = path.read_text().strip()
-            values = _parse_numbers(content, str(path))
+            values = _parse_numbers(content, f"--target {path}")
     else:
         if "," not in text and not _is_number(text):
             raise UserError(f"--target {text!r}: no such file, and not a comma-separated list")
         values = _parse_numbers(text, "--target")
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 1 or values.size == 0:
-        raise UserError(f"target embedding must be a non-empty vector, got shape "
-                        f"{list(values.shape)}")
+        raise UserError(f"--target {text}: the target embedding must be a non-empty vector, "
+                        f"got shape {list(values.shape)}")
     return values
 
 
@@ -95,7 +105,8 @@ def _keys_for(files: Sequence[str], keys: Sequence[str] | None) -> list[str | No
     if len(keys) != len(files):
         raise UserError(f"got {len(keys)} --key for {len(files)} weights file(s): give one "
                         "per file, in order ('none' for an unencrypted file)")
-    return [None if k.lower() in ("none", "-", "") else k for k in keys]
+    return [None if k.lower() in ("none", "-", "") else _key_arg(k, f"--key #{i + 1}")
+            for i, k in enumerate(keys)]
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -118,39 +129,29 @@ def _score_json(path: str, score: Any) -> dict[str, Any]:
     return out
 
 
+def _nan_loss_note(path: str, index: int) -> str:
+    """What a NaN loss means on chain (SPEC §7)."""
+    rule = ("at index 0 it wins any competition: the runtime's argmin finds nothing below it"
+            if index == 0 else "in a competition the runtime's argmin passes over it (only a "
+            "NaN at index 0 wins, as nothing compares below it)")
+    return (f"{path}: loss is NaN: the runtime accepts this file but its loss is NaN too "
+            f"('soma-models validate' lists NaN/Inf weights); {rule}")
+
+
+def _nan_distance_reason(embedding: np.ndarray, target: Any) -> str:
+    """Why a cosine distance is NaN (SPEC §7: the runtime computes NaN too)."""
+    rule = "1 - (a/|a|).(b/|b|) divides by both norms, so the runtime's distance is NaN too"
+    if not np.all(np.isfinite(embedding)):
+        return f"distance is NaN: the embedding holds NaN/Inf values ({rule})"
+    if not np.any(target):
+        return f"distance is NaN: the target embedding is all zeros, its norm is 0 ({rule})"
+    if not np.any(embedding):
+        return f"distance is NaN: the embedding is all zeros, its norm is 0 ({rule})"
+    return f"distance is NaN: the target holds NaN/Inf values ({rule})"
+
+
 def _print_json(doc: object) -> None:
     print(json.dumps(doc, allow_nan=False))
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    try:
-        return check_seed(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _micro_batch(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer or 'auto', got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- score
@@ -168,6 +169,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     def report(i: int, score: Any) -> None:
         if many and not args.json:
             print(f"loss {score.loss:.9g}  {args.weights[i]}", flush=True)
+        if math.isnan(score.loss):
+            warnings.warn(_nan_loss_note(args.weights[i], i), stacklevel=1)
 
     result = compete(args.weights, data, args.seed, target=target, keys=keys,
                      framework=args.framework, device=args.device,
@@ -195,6 +198,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if result.distance is not None:
         print(f"distance   {result.distance:.9g} (cosine distance of the "
               f"{'winner' if many else 'model'}'s embedding to the target)")
+        if math.isnan(result.distance):
+            warnings.warn(_nan_distance_reason(result.embedding, target), stacklevel=1)
     if args.range:
         for path, s in zip(args.weights, result.scores):
             r = s.range
@@ -211,31 +216,59 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from soma_models.v1.validation import validate
 
     keys = _keys_for(args.weights, args.key)
-    reports = [validate(path, key=key) for path, key in zip(args.weights, keys)]
+    protocol = getattr(args, "protocol", None)
+    reports = [validate(path, key=key, protocol=protocol) for path, key in zip(args.weights, keys)]
     if args.json:
-        _print_json([{"weights": r.source, "ok": r.ok, "errors": r.errors,
-                      "warnings": r.warnings} for r in reports])
+        _print_json([r.to_dict() for r in reports])
     else:
         for r in reports:
             print(r)
-    return 0 if all(r.ok for r in reports) else 1
+    # Refused files, and accepted ones whose loss would be NaN, fail the check.
+    return 0 if all(r.ok and not r.non_finite for r in reports) else 1
 
 
 # --------------------------------------------------------------------------- inspect
 
+def _read_header(path: Path, key: str | None, hint: str = "") -> Any:
+    """The header of `path` (decrypted with `key` when given; only the header is read).
+    A file that does not decrypt to safetensors gets a wrong-key hint."""
+    from soma_models.errors import WeightsFormatError
+    from soma_models.safetensors_io import read_header
+    from soma_models.v1.transit import apply_ctr
+
+    hint = hint or ("wrong key?" if key is not None else "")
+    decode = None if key is None else (lambda data: apply_ctr(data, key))
+    try:
+        header, problems = read_header(path, decode=decode)
+    except WeightsFormatError as exc:
+        problems = exc.problems
+    if problems:
+        suffix = f" ({hint})" if hint else ""
+        raise WeightsFormatError(str(path), [p + suffix for p in problems])
+    return header
+
+
+def _key_arg(text: str | None, option: str = "--key") -> str | None:
+    """A key given on the command line, as hex; errors name the option (never the key)."""
+    from soma_models.v1.transit import parse_key
+
+    if text is None:
+        return None
+    try:
+        return parse_key(text).hex()
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from soma_models.safetensors_io import SafetensorsFile
     from soma_models.v1.schema import heads_from_metadata, infer_config, parameter_count
-    from soma_models.v1.transit import decrypt_file, file_commitment
+    from soma_models.v1.transit import file_commitment
 
     path = Path(args.weights)
-    if not path.is_file():
-        raise UserError(f"{args.weights}: no such weights file")
+    key = _key_arg(args.key)
     size = path.stat().st_size
+    weights = _read_header(path, key, hint="" if key else "encrypted? pass its --key")
     digest = file_commitment(path)
-    source: object = path if args.key is None else decrypt_file(path, args.key)
-    weights = SafetensorsFile(source)  # type: ignore[arg-type]
-    weights.name = str(path)
     shapes = {k: i.shape for k, i in weights.tensors.items()}
     config = infer_config(shapes, source=str(path),
                           num_heads=heads_from_metadata(weights.metadata))
@@ -285,50 +318,25 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- encrypt / decrypt
 
-def _check_plaintext_header(path: Path, key: str) -> None:
-    """Refuse a key that does not turn the file into safetensors (only the header is read)."""
-    from soma_models.safetensors_io import MAX_HEADER_BYTES
-    from soma_models.v1.transit import apply_ctr
-
-    with open(path, "rb") as fh:
-        head = apply_ctr(fh.read(8), key)
-        problem = None
-        if len(head) < 8:
-            problem = "file is shorter than a safetensors header"
-        else:
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                problem = f"decrypted header length {n} does not fit in the file"
-            else:
-                fh.seek(0)
-                text = apply_ctr(fh.read(8 + n), key)[8:]
-                try:
-                    json.loads(text.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    problem = "decrypted header is not JSON"
-    if problem is not None:
-        raise UserError(f"{path}: decrypted bytes are not a safetensors file ({problem}): "
-                        "wrong key? (use --raw to decrypt arbitrary bytes)")
-
-
 def _transform_file(args: argparse.Namespace, key: str) -> None:
-    from soma_models.safetensors_io import atomic_write
+    from soma_models.atomic import atomic_write
     from soma_models.v1.transit import iter_ctr_file
 
     source, output = Path(args.input), Path(args.output)
-    if not source.is_file():
-        raise UserError(f"{source}: no such file")
-    if output.exists() and output.resolve() == source.resolve():
-        raise UserError(f"{output}: output would overwrite the input")
+    if output.exists():
+        if output.resolve() == source.resolve():
+            raise UserError(f"-o {output}: output would overwrite the input {source}")
+        if not args.force:
+            raise UserError(f"-o {output}: already exists (use --force to overwrite)")
     atomic_write(output, iter_ctr_file(source, key))
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
     import secrets
 
-    from soma_models.v1.transit import KEY_BYTES, file_commitment, parse_key
+    from soma_models.v1.transit import KEY_BYTES, file_commitment
 
-    key = parse_key(args.key).hex() if args.key else secrets.token_bytes(KEY_BYTES).hex()
+    key = _key_arg(args.key) or secrets.token_bytes(KEY_BYTES).hex()
     _transform_file(args, key)
     print(f"key         {key}")
     print(f"commitment  {file_commitment(args.output)} (of the encrypted file)")
@@ -336,11 +344,12 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
-    from soma_models.v1.transit import parse_key
-
-    key = parse_key(args.key).hex()
-    if not args.raw and Path(args.input).is_file():
-        _check_plaintext_header(Path(args.input), key)
+    key = _key_arg(args.key)
+    assert key is not None  # --key is required
+    if not args.raw:
+        # Only the header is decrypted to check the key before writing anything.
+        _read_header(Path(args.input), key,
+                     hint="wrong key? use --raw to decrypt arbitrary bytes")
     _transform_file(args, key)
     print(f"wrote {args.output}")
     return 0
@@ -353,7 +362,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     trainer's own arguments are loaded."""
     from soma_models.v1.configs import PRESETS, V1_BATCH_SIZE, V1_MAX_SEQ_LEN
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Score, check and prepare Soma V1 model weights exactly as the "
                                "chain does.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -363,40 +372,44 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Score one or more weights files on the same data and seed. "
                                    "With several files (or a --target) the competition result "
                                    "is printed too: lowest loss wins.")
-    p.add_argument("weights", nargs="+", help="safetensors weights file(s)")
-    p.add_argument("--data", required=True, help="data file (raw bytes)")
-    p.add_argument("--seed", required=True, type=_seed, help="u64 scoring seed")
+    p.add_argument("weights", nargs="+", type=input_file, help="safetensors weights file(s)")
+    p.add_argument("--data", required=True, type=input_file, help="data file (raw bytes)")
+    p.add_argument("--seed", required=True, type=seed, help="u64 scoring seed")
     p.add_argument("--target", help="target embedding: a file (.npy, JSON list, or numbers) "
                                     "or an inline comma-separated list")
     p.add_argument("--key", action="append", metavar="HEX",
                    help="AES-256-CTR key (64 hex) of an encrypted file; repeat once per file, "
                         "in order ('none' for an unencrypted one)")
     p.add_argument("--framework", choices=("torch", "flax"), default="torch")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--micro-batch-size", type=_micro_batch, default="auto", metavar="N|auto",
+    p.add_argument("--device", default=None, type=device,
+                   help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto",
                    help="rows per forward pass; bounds memory, not the result (default auto)")
     p.add_argument("--range", action="store_true",
                    help="also report the loss range over the chain loader's batch orders")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--max-seq-len", type=_positive_int, default=V1_MAX_SEQ_LEN,
+    p.add_argument("--max-seq-len", type=positive_int, default=V1_MAX_SEQ_LEN,
                    help=f"experiments only; the chain uses {V1_MAX_SEQ_LEN}")
-    p.add_argument("--batch-size", type=_positive_int, default=V1_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=V1_BATCH_SIZE,
                    help=f"experiments only; the chain uses {V1_BATCH_SIZE}")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("validate", help="check weights files as the chain will load them",
-                       description="Report every problem of each file: format, header, keys, "
-                                   "shapes, dtypes, NaN/Inf values. Exit status 1 if any "
-                                   "file has errors.")
-    p.add_argument("weights", nargs="+")
+                       description="Report every problem of each file, separating what makes "
+                                   "the runtime refuse it (format, header, keys, shapes, "
+                                   "unmapped dtypes, too few layers) from what it accepts but "
+                                   "scores other than the file suggests (NaN/Inf values, extra "
+                                   "layers, converted dtypes). Exit status 1 if a file is "
+                                   "refused or holds NaN/Inf values.")
+    p.add_argument("weights", nargs="+", type=input_file)
     p.add_argument("--key", action="append", metavar="HEX",
                    help="decryption key, once per file ('none' for an unencrypted one)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("inspect", help="show a weights file's config, size and commitment")
-    p.add_argument("weights")
+    p.add_argument("weights", type=input_file)
     p.add_argument("--key", metavar="HEX", help="decryption key if the file is encrypted "
                                                 "(the commitment is of the file as stored)")
     p.add_argument("--json", action="store_true")
@@ -406,25 +419,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Write fresh weights of a preset, optionally with custom "
                                    "sizes, tensor by tensor (the full V1 needs no more memory "
                                    "than its largest tensor).")
-    p.add_argument("output")
+    p.add_argument("output", type=output_file)
     p.add_argument("--config", choices=sorted(PRESETS), default="v1",
                    help="size preset (default v1, the on-chain architecture: 6.4 GB)")
     for name in ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim", "vocab_size"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_positive_int,
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int,
                        help="override the preset's value")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("encrypt", help="encrypt a file with AES-256-CTR for publication")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("input", type=input_file)
+    p.add_argument("-o", "--output", required=True, type=output_file)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--key", metavar="HEX", help="64-hex key (default: a random one, printed)")
     p.set_defaults(func=cmd_encrypt)
 
     p = sub.add_parser("decrypt", help="decrypt an AES-256-CTR encrypted file")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("input", type=input_file)
+    p.add_argument("-o", "--output", required=True, type=output_file)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--key", metavar="HEX", required=True)
     p.add_argument("--raw", action="store_true",
                    help="do not check that the result is a safetensors file")
@@ -451,31 +466,12 @@ def _add_train(sub: argparse._SubParsersAction, command: str | None) -> None:
                        add_help=False)
 
 
-def _one_line(exc: BaseException) -> str:
-    problems = getattr(exc, "problems", None)
-    if problems and len(problems) > 1:
-        return f"{exc.source}: " + "; ".join(problems)  # type: ignore[attr-defined]
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, KeyError):
-        text = f"missing {text}"
-    return " ".join(text.split())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except (UserError, ValueError, TypeError, OSError, ImportError) as exc:
-        if os.environ.get("SOMA_MODELS_DEBUG"):
-            raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    return run(args.func, args, PROG)
 
 
 if __name__ == "__main__":

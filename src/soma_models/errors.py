@@ -19,3 +19,7 @@ class WeightsError(ValueError):
 
 class WeightsFormatError(WeightsError):
     """The bytes are not a well-formed safetensors file."""
+
+
+class WeightsWarning(UserWarning):
+    """Something about a weights file the runtime accepts but the user should know (one line)."""

@@ -356,3 +356,51 @@ def test_winner_and_distance_rules():
 
 def test_reexports_from_scoring():
     assert callable(validate) and len(commitment(b"")) == 64
+
+
+# --------------------------------------------------------------------------- stored dtypes
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (torch's rule)."""
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+
+
+def safetensors_with_dtypes(tensors: dict[str, tuple[str, np.ndarray]]) -> bytes:
+    """A safetensors file written by the `safetensors` package itself (through torch, which
+    has a bfloat16 dtype), independently of our writer."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save
+
+    as_torch = {"BF16": lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16),
+                "F64": torch.from_numpy}
+    return save({k: as_torch[d](a) for k, (d, a) in tensors.items()})
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+def test_bf16_and_f64_files_score_exactly_as_their_float32_conversion(framework, tmp_path):
+    if framework == "flax":
+        pytest.importorskip("flax")
+    weights = random_weights(SMALL, 31)
+    data, seed = data_of(150), 7
+    sizes = {"sig_reg_config": SIG_REG, "max_seq_len": 32, "batch_size": 4,
+             "framework": framework}
+    # BF16: the runtime widens exactly, so the float32 file holds the widened values.
+    bf16 = {k: ("BF16", bf16_bits(v)) for k, v in weights.items()}
+    widened = {k: (bits.astype(np.uint32) << 16).view(np.float32) for k, (_, bits) in bf16.items()}
+    # F64: values that are not float32, rounded to nearest on load.
+    rng = np.random.default_rng(5)
+    wide = {k: v.astype(np.float64) + rng.standard_normal(v.shape) * 1e-9
+            for k, v in weights.items()}
+    rounded = {k: v.astype(np.float32) for k, v in wide.items()}
+    assert any(not np.array_equal(rounded[k].astype(np.float64), wide[k]) for k in wide)
+    pairs = [(safetensors_with_dtypes(bf16), widened),
+             (safetensors_with_dtypes({k: ("F64", v) for k, v in wide.items()}), rounded)]
+    for stored, as_float32 in pairs:
+        path = tmp_path / "stored.safetensors"
+        path.write_bytes(stored)
+        with pytest.warns(UserWarning, match="converted to float32"):
+            got = score(path, data, seed, **sizes)
+        want = score(as_float32, data, seed, **sizes)
+        assert got.loss == want.loss
+        np.testing.assert_array_equal(got.embedding, want.embedding)

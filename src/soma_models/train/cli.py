@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from soma_models.cli_common import Parser, positive_int, seed
+from soma_models.cli_common import run as run_command
 from soma_models.v1.configs import PRESETS
 
 #: The first-run demo: a few minutes on 2 CPU cores (see scripts/demo.sh).
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     o.add_argument("--batch-size", type=int, help="global batch in sequences (default 16)")
-    o.add_argument("--micro-batch-size", type=int,
+    o.add_argument("--micro-batch-size", type=positive_int,
                    help="sequences per forward pass per process (default: batch / processes); "
                         "gradients accumulate over the rest")
     o.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
@@ -95,14 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(an unbiased estimate; default: all)")
     o.add_argument("--bf16", action="store_const", const=True,
                    help="bfloat16 autocast (CUDA; on CPU it runs but is usually slower)")
-    o.add_argument("--seed", type=int, help="seed for init, data order, dropout (default 0)")
+    o.add_argument("--seed", type=seed, help="seed for init, data order, dropout (default 0)")
 
     w = p.add_argument_group("watching and saving")
     w.add_argument("--out", dest="out_dir", metavar="DIR", help="run folder (default runs/soma)")
     w.add_argument("--eval-every", type=int, help="held-out CE every N steps (default 100)")
     w.add_argument("--score-every", type=int,
                    help="exact on-chain score every N steps (default: at the end only)")
-    w.add_argument("--score-seed", type=int, help="scoring seed (default 0)")
+    w.add_argument("--score-seed", type=seed, help="scoring seed (default 0)")
     w.add_argument("--score-seq-len", type=int,
                    help="max_seq_len used for the exact score (default: the chain's 8192)")
     w.add_argument("--score-batch-size", type=int, help="scoring batch size (default 32)")
@@ -116,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     h = p.add_argument_group("hardware")
     h.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    h.add_argument("--threads", type=int,
+    h.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (default: torch's choice; 1 is often best for "
                         "small models on a busy machine)")
     h.add_argument("--parallel", choices=("ddp", "fsdp"),
@@ -178,19 +179,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (`python -m soma_models.train`, torchrun -m): same options."""
-    from soma_models.errors import WeightsError
-
-    parser = argparse.ArgumentParser(prog="soma-models train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="soma-models train", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("soma-models train: interrupted (resume with --resume)", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, WeightsError) as exc:
-        if os.environ.get("SOMA_MODELS_DEBUG"):
-            raise
-        print(f"soma-models train: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+    return run_command(run, args, "soma-models train",
+                       interrupted="interrupted (resume with --resume)")

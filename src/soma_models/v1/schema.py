@@ -12,19 +12,23 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, format_dtype
+from soma_models.errors import WeightsError, WeightsWarning
+from soma_models.safetensors_io import FLOAT32_CONVERTIBLE, SafetensorsFile, format_dtype
 from soma_models.v1.configs import V1_NUM_HEADS, ModelConfig
 from soma_models.v1.revisions import ARCHITECTURE_VERSION
+
 METADATA_VERSION_KEY = "soma_models.architecture_version"
 # Heads cannot be read off the shapes; we record them (the runtime ignores metadata).
 METADATA_HEADS_KEY = "soma_models.num_heads"
 CANONICAL_DTYPE = "F32"
+#: Dtypes the runtime maps (SPEC §4.2): it converts them to float32 on load. A tensor of
+#: any other dtype (U16, F8_*, ...) makes it refuse the whole file, even an unused tensor.
+RUNTIME_DTYPES = FLOAT32_CONVERTIBLE
 
 Kind = Literal["embedding", "linear_weight", "linear_bias", "norm_gamma", "norm_beta"]
 
@@ -82,14 +86,41 @@ def parameter_count(config: ModelConfig) -> int:
 
 @dataclass
 class SchemaCheck:
-    """Result of comparing found tensors with the schema."""
+    """Result of comparing found tensors with the schema.
+
+    errors: what makes the runtime refuse the file.
+    warnings: harmless findings (unused keys).
+    converted: expected keys stored in another dtype the runtime converts, `{key: dtype}`.
+    """
 
     errors: list[str]
     warnings: list[str]
+    converted: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def conversion_note(converted: Mapping[str, str]) -> str:
+    """One line naming the keys the runtime converts to float32, grouped by dtype."""
+    by_dtype: dict[str, list[str]] = {}
+    for key, dtype in converted.items():
+        by_dtype.setdefault(dtype, []).append(key)
+    groups = "; ".join(f"{dtype}: {_listing(keys, 4)}" for dtype, keys in by_dtype.items())
+    return (f"{len(converted)} tensor(s) are not float32 and are converted to float32 on load, "
+            f"as the runtime does, and scored as such ({groups})")
+
+
+def duplicates_note(duplicates: Mapping[str, int]) -> str:
+    """One line naming header keys given more than once."""
+    listed = _listing([f"{k!r} x{n}" for k, n in duplicates.items()])
+    return f"duplicated header key(s), the last entry used as the runtime does: {listed}"
 
 
 def file_metadata(config: ModelConfig) -> dict[str, str]:
@@ -109,8 +140,9 @@ def check_tensors(
 ) -> SchemaCheck:
     """Compare `{key: (dtype, shape)}` with the schema; report every difference.
 
-    Missing keys and shape mismatches make the runtime reject the file; a non-float32
-    dtype is refused too. Extra keys are only warnings: the runtime ignores them.
+    Missing keys, shape mismatches and any tensor (used or not) of a dtype the runtime
+    does not map make it reject the file. Expected keys of another mapped dtype are
+    converted (listed in `converted`). Extra keys are only warnings: the runtime ignores them.
     """
     return check_shapes(found, expected_shapes(config))
 
@@ -121,23 +153,37 @@ def check_shapes(
     """`check_tensors` against any `{key: shape}` (e.g. one block's canonical tensors)."""
     errors: list[str] = []
     warnings: list[str] = []
+    converted: dict[str, str] = {}
     missing = [k for k in expected if k not in found]
     if missing:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-        errors.append(f"{len(missing)} missing key(s): {shown}")
+        errors.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     for key, shape in expected.items():
         if key not in found:
             continue
         dtype, got = found[key]
         if tuple(got) != shape:
             errors.append(f"{key}: shape mismatch, expected {list(shape)}, found {list(got)}")
-        if dtype != CANONICAL_DTYPE:
-            errors.append(f"{key}: dtype {dtype}, expected {CANONICAL_DTYPE} (float32)")
+        if dtype != CANONICAL_DTYPE and dtype in RUNTIME_DTYPES:
+            converted[key] = dtype
+    unmapped = [f"{k} ({dtype})" for k, (dtype, _) in found.items() if dtype not in RUNTIME_DTYPES]
+    if unmapped:
+        errors.append(f"{len(unmapped)} tensor(s) of a dtype the runtime does not map, so it "
+                      f"refuses the whole file (used or not): {_listing(unmapped)}; it maps "
+                      f"{', '.join(RUNTIME_DTYPES)}")
     extra = sorted(k for k in found if k not in expected)
     if extra:
-        shown = ", ".join(extra[:8]) + (f", ... ({len(extra) - 8} more)" if len(extra) > 8 else "")
-        warnings.append(f"{len(extra)} unused key(s), ignored by the runtime: {shown}")
-    return SchemaCheck(errors, warnings)
+        warnings.append(f"{len(extra)} unused key(s), ignored by the runtime: {_listing(extra)}")
+    return SchemaCheck(errors, warnings, converted)
+
+
+def heads_note(config: ModelConfig, metadata: Mapping[str, str]) -> str | None:
+    """A line when an explicit config's head count contradicts the one the file records."""
+    recorded = metadata.get(METADATA_HEADS_KEY)
+    if recorded is None or recorded == str(config.num_heads):
+        return None
+    return (f"the file records num_heads {recorded} ({METADATA_HEADS_KEY}) but the model "
+            f"config says {config.num_heads}: {config.num_heads} is used (the runtime always "
+            "uses V1's 8)")
 
 
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
@@ -168,16 +214,21 @@ def infer_config(
     inner = shapes.get("encoder.layers.0.pwff.linear_inner.weight")
     if num_layers == 0 or inner is None or len(inner) != 2:
         raise WeightsError(source, [
-            "cannot infer the model config: no encoder layers "
-            "('encoder.layers.0.pwff.linear_inner.weight' missing or malformed)"
+            ("cannot infer the model config: no encoder layers "
+            "('encoder.layers.0.pwff.linear_inner.weight' missing or malformed)")
         ])
     try:
         return ModelConfig(embedding_dim=int(dim), vocab_size=int(vocab),
                            pwff_hidden_dim=int(inner[1]), num_layers=num_layers,
                            num_heads=num_heads, **overrides)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise WeightsError(source, [f"cannot infer a valid model config: {exc}; "
-                                    "pass model_config explicitly"]) from None
+        raise WeightsError(source, [(f"cannot infer a valid model config: {exc}; "
+                                    "pass model_config explicitly")]) from None
+
+
+def _warn(source: str, lines: list[str]) -> None:
+    for line in lines:
+        warnings.warn(f"{source}: {line}", WeightsWarning, stacklevel=4)
 
 
 def checked_arrays(
@@ -191,7 +242,9 @@ def checked_arrays(
 
     `config=None` infers the sizes (heads: `num_heads`, else V1's). Every missing key,
     shape or dtype problem is raised at once as a `WeightsError` naming `source`; unused
-    keys are a warning. The returned dict holds exactly the schema's keys, in model order.
+    keys are a warning, and arrays of another dtype the runtime maps are converted to
+    float32 as it would (one warning). The returned dict holds exactly the schema's keys,
+    in model order.
     """
     found = {k: (format_dtype(np.asarray(a)), tuple(np.shape(a))) for k, a in arrays.items()}
     if config is None:
@@ -200,9 +253,16 @@ def checked_arrays(
     check = check_tensors(found, config)
     if not check.ok:
         raise WeightsError(source, check.errors)
-    for warning in check.warnings:
-        warnings.warn(f"{source}: {warning}", stacklevel=3)
-    return config, {spec.key: arrays[spec.key] for spec in param_specs(config)}
+    _warn(source, check.warnings + ([conversion_note(check.converted)] if check.converted else []))
+    out = {}
+    for spec in param_specs(config):
+        value = arrays[spec.key]
+        if spec.key in check.converted:
+            value = np.asarray(value)
+            value = (value != 0).astype(np.float32) if value.dtype == np.bool_ \
+                else value.astype(np.float32)
+        out[spec.key] = value
+    return config, out
 
 
 def read_weights(
@@ -211,18 +271,47 @@ def read_weights(
 ) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
     """Open a weights file (path or bytes), check it, return `(config, arrays, name)`.
 
-    The arrays are zero-copy views of the file (a copy-on-write memory map) or bytes.
-    The header is checked before any tensor is touched.
+    The arrays are float32: zero-copy views of the file (a copy-on-write memory map) or
+    bytes, or, for tensors stored in another dtype the runtime maps, their conversion as
+    the runtime does it. The header is checked before any tensor is touched; duplicated
+    keys, unused keys, conversions and a head count contradicting the file's metadata are
+    one warning line each.
     """
     weights = SafetensorsFile(source)
     found = {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}
+    notes = [duplicates_note(weights.duplicates)] if weights.duplicates else []
     if config is None:
         config = infer_config({k: s for k, (_, s) in found.items()}, source=weights.name,
                               num_heads=heads_from_metadata(weights.metadata))
+    elif (note := heads_note(config, weights.metadata)) is not None:
+        notes.append(note)
     check = check_tensors(found, config)
     if not check.ok:
         raise WeightsError(weights.name, check.errors)
-    for warning in check.warnings:
-        warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
-    arrays = {spec.key: weights.array(spec.key) for spec in param_specs(config)}
+    notes += check.warnings
+    if check.converted:
+        notes.append(conversion_note(check.converted))
+    _warn(weights.name, notes)
+    arrays = {spec.key: weights.float32(spec.key) for spec in param_specs(config)}
     return config, arrays, weights.name
+
+
+def read_tensors(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    expected: Mapping[str, tuple[int, ...]],
+) -> tuple[dict[str, np.ndarray], str]:
+    """`read_weights` for any `{key: shape}` (e.g. one block's canonical tensors).
+
+    Returns `({key: float32 array}, name)`, checked and converted as `read_weights` does,
+    with the same one-line warnings; every problem is raised at once as a `WeightsError`.
+    """
+    weights = SafetensorsFile(source)
+    check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()}, expected)
+    if not check.ok:
+        raise WeightsError(weights.name, check.errors)
+    notes = [duplicates_note(weights.duplicates)] if weights.duplicates else []
+    notes += check.warnings
+    if check.converted:
+        notes.append(conversion_note(check.converted))
+    _warn(weights.name, notes)
+    return {key: weights.float32(key) for key in expected}, weights.name

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.utils.dict import flatten_dict, unflatten_dict
 from soma_models.utils.remap import remap
@@ -39,10 +38,10 @@ from soma_models.v1.configs import ModelConfig
 from soma_models.v1.flax.modules.attention import MultiHeadAttention
 from soma_models.v1.schema import (
     ParamSpec,
-    check_shapes,
     checked_arrays,
     file_metadata,
     param_specs,
+    read_tensors,
     read_weights,
 )
 
@@ -225,20 +224,15 @@ class Serde(Generic[M]):
         save_file(filename, self._arrays(), self._metadata())
 
     def deserialize(self, data: bytes | bytearray | memoryview) -> M:
-        return self._read(SafetensorsFile(data))
+        return self._read(data)
 
     def deserialize_from_file(self, filename: str | os.PathLike) -> M:
-        return self._read(SafetensorsFile(filename))
+        return self._read(filename)
 
-    def _read(self, weights: SafetensorsFile) -> M:
+    def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
         variables = _canonical_variables(self.module)
-        check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()},
-                             {key: shape for key, (_, shape) in variables.items()})
-        if not check.ok:
-            raise WeightsError(weights.name, check.errors)
-        for warning in check.warnings:
-            warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+        arrays, _ = read_tensors(source, {key: shape for key, (_, shape) in variables.items()})
         for key, (variable, _) in variables.items():
-            array = np.array(weights.array(key), dtype=np.float32).reshape(variable.shape)
+            array = np.asarray(arrays[key], dtype=np.float32).reshape(variable.shape)
             variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))
         return self.module

@@ -16,7 +16,6 @@ deserialize any of our modules in place), `load_safetensor_into` and `remap`.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
@@ -24,17 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.safetensors_io import save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
 from soma_models.utils.remap import remap
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
     ParamSpec,
-    check_shapes,
     checked_arrays,
     file_metadata,
     param_specs,
+    read_tensors,
     read_weights,
 )
 
@@ -216,23 +214,18 @@ class Serde(Generic[M]):
         save_file(filename, self._arrays(), self._metadata())
 
     def deserialize(self, data: bytes | bytearray | memoryview) -> M:
-        return self._read(SafetensorsFile(data))
+        return self._read(data)
 
     def deserialize_from_file(self, filename: str | os.PathLike) -> M:
-        return self._read(SafetensorsFile(filename))
+        return self._read(filename)
 
-    def _read(self, weights: SafetensorsFile) -> M:
+    def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
         names = _canonical_names(self.module)
         expected = {key: tuple(p.T.shape if t else p.shape) for key, (p, t) in names.items()}
-        check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()},
-                             expected)
-        if not check.ok:
-            raise WeightsError(weights.name, check.errors)
-        for warning in check.warnings:
-            warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+        arrays, _ = read_tensors(source, expected)
         with torch.no_grad():
             for key, (param, transposed) in names.items():
-                value = torch.from_numpy(np.array(weights.array(key)))
+                value = torch.from_numpy(np.array(arrays[key]))
                 param.copy_(value.T if transposed else value)
         return self.module
 
