@@ -1,6 +1,13 @@
-"""The on-chain loss for one batch: cross-entropy + 0.02 * SIGReg (SPEC §6)."""
+"""The on-chain loss for one batch: cross-entropy + 0.02 * SIGReg (SPEC §6).
+
+This file is the loss's only torch definition: `compute_loss` (the public one-call form),
+the training step (`soma_models.v1.torch.train_step`, which `soma-models train` runs) and
+the scoring backend (`evaluate.py`, through `cross_entropy_sum`) all build on it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +25,46 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                            targets.reshape(-1).long(), ignore_index=V1_PAD_TOKEN_ID,
                            reduction="sum")
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The on-chain loss of one batch, term by term (scalar tensors, differentiable).
+
+    loss = cross_entropy + sig_reg; cross_entropy = ce_sum / every position of the batch.
+    """
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    sig_reg: torch.Tensor
+    ce_sum: torch.Tensor
+
+
+def loss_terms(representations: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               sig_reg: SIGReg, noise: torch.Tensor | None = None,
+               sig_reg_rows: torch.Tensor | None = None) -> LossTerms:
+    """The on-chain loss from a forward pass's outputs.
+
+    representations: `[B, S, D]`; logits: `[B, S, vocab]`; targets: `[B, S]`.
+    noise: SIGReg's `[D, slices]` (None draws it from torch's RNG).
+    sig_reg_rows: optional indices into the `B * S` flattened positions: SIGReg on those
+        only. SIGReg is a mean over positions, so a uniform random subset is an unbiased
+        estimate of it (a training option; the chain uses every position).
+
+    The cross-entropy is divided by *every* position of the batch, PAD targets
+    included: PAD targets add nothing to the sum but count in the mean, as on chain.
+    A SIGReg coefficient of 0 skips the statistic (it would be multiplied by 0).
+    """
+    ce_sum = cross_entropy_sum(logits, targets)
+    cross_entropy = ce_sum / targets.numel()
+    if sig_reg.config.coefficient == 0:
+        regulariser = cross_entropy.new_zeros(())
+    else:
+        flat = representations.reshape(-1, representations.shape[-1])
+        if sig_reg_rows is not None:
+            flat = flat[sig_reg_rows]
+        regulariser = sig_reg(flat, noise=noise)
+    return LossTerms(cross_entropy + regulariser, cross_entropy, regulariser, ce_sum)
 
 
 def _as_tensor(x: object, device: torch.device) -> torch.Tensor:
@@ -43,9 +90,7 @@ def compute_loss(
     noise: `[D, slices]` (None draws it from torch's RNG).
     Returns `(loss, embedding)`: a scalar, and `[D]` = mean over sequence, then batch,
     of the representations (PAD/EOS positions included, as on chain).
-
-    The cross-entropy is divided by *every* position of the batch, PAD targets
-    included: PAD targets add nothing to the sum but count in the mean, as on chain.
+    The terms are `loss_terms`'s.
     """
     model.config.require_contract_vocab()
     device = model.embedding.weight.device
@@ -61,8 +106,7 @@ def compute_loss(
     if noise is not None:
         noise = _as_tensor(noise, device)
     representations = model.encode(token_ids, pos_ids)
-    logits = model.predict(representations)
-    cross_entropy = cross_entropy_sum(logits, targets) / targets.numel()
-    loss = cross_entropy + sig_reg(representations, noise=noise)
+    terms = loss_terms(representations, model.predict(representations), targets, sig_reg,
+                       noise)
     embedding = representations.mean(dim=1).mean(dim=0)
-    return loss, embedding
+    return terms.loss, embedding
