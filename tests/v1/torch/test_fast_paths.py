@@ -1,6 +1,6 @@
 """The fast, memory-linear paths compute what the materialised ones do.
 
-Attention: `causal_attention` (flash kernel + closed-form -1e4 fill, or head recompute
+Attention: `attention_kernels.causal_attention` (flash kernel + closed-form -1e4 fill, or head recompute
 under autograd, or SDPA + row recompute as the fallback) against a materialised
 reference with the -1e4 fill written out here. SIGReg: the chunked hand-differentiated
 statistic against a direct `[positions, slices, points]` float64 formula written here.
@@ -22,7 +22,7 @@ import torch
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.noise import quadrature, sig_reg_reference
-from soma_models.v1.torch.modules import attention, sig_reg
+from soma_models.v1.torch.modules import attention, attention_kernels, sig_reg
 from soma_models.v1.torch.modules.attention import apply_rope, causal_attention
 from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.sig_reg import sig_reg_statistic
@@ -103,9 +103,9 @@ def test_closed_form_in_float64_is_exact_to_rounding() -> None:
 
 def test_fallback_path_matches_the_fill(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the flash op (e.g. on CUDA): SDPA + diagonal-flagged row recompute."""
-    monkeypatch.setattr(attention, "_FLASH_WITH_LSE", None)
+    monkeypatch.setattr(attention_kernels, "_FLASH_WITH_LSE", None)
     q, k, v = fill_regime_inputs(seed=2)
-    assert bool(attention.fill_affected_rows(q, k).any())
+    assert bool(attention_kernels.fill_affected_rows(q, k).any())
     with torch.no_grad():
         fast = causal_attention(q, k, v)
     assert_close(fast, reference_attention(q, k, v))
@@ -155,7 +155,7 @@ def test_gradients_long_sequence_ordinary_scores() -> None:
 
 
 def test_fallback_gradients_ordinary_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "_FLASH_WITH_LSE", None)
+    monkeypatch.setattr(attention_kernels, "_FLASH_WITH_LSE", None)
     generator = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 2, 300, 16, generator=generator) for _ in range(3))
     upstream = torch.randn(q.shape, generator=generator)

@@ -8,13 +8,15 @@ from flax import nnx
 
 from soma_models.v1.aliases import pick
 from soma_models.v1.configs import EncoderConfig, LayerConfig, ModelConfig
+from soma_models.v1.flax.modules.attention import RopeTables
 from soma_models.v1.flax.modules.layer import Layer
 
 __all__ = ["Encoder", "EncoderConfig", "Layer", "LayerConfig"]
 
 
-def _run_layer(layer: Layer, x: jax.Array, pos_ids: jax.Array) -> jax.Array:
-    return layer(x, pos_ids)
+def _run_layer(layer: Layer, x: jax.Array, pos_ids: jax.Array,
+               rope: RopeTables) -> jax.Array:
+    return layer(x, pos_ids, rope=rope)
 
 
 class Encoder(nnx.Module):
@@ -35,7 +37,11 @@ class Encoder(nnx.Module):
         pos_ids = pick("Encoder", "pos_ids", pos_ids, "positions", positions)
         if pos_ids is None:
             pos_ids = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        if len(self.layers) == 0:
+            return x
+        # Every layer rotates by the same positions: RoPE's sin/cos once per forward.
+        rope = self.layers[0].attention.rope_tables(pos_ids)
         run = nnx.remat(_run_layer) if self.activation_checkpointing else _run_layer
         for layer in self.layers:
-            x = run(layer, x, pos_ids)
+            x = run(layer, x, pos_ids, rope)
         return x

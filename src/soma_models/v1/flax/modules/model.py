@@ -9,10 +9,12 @@ from flax import nnx
 
 from soma_models.v1.aliases import pick
 from soma_models.v1.configs import EncoderConfig, ModelConfig
-from soma_models.v1.flax.modules.attention import HIGHEST, INIT_STD
 from soma_models.v1.flax.modules.encoder import Encoder
 from soma_models.v1.flax.modules.layer import layer_norm
-from soma_models.v1.flax.serde import Serializable
+from soma_models.v1.flax.numerics import HIGHEST
+from soma_models.v1.flax.serde import Serializable, flax_variable
+from soma_models.v1.initialization import initial_mean, initial_std
+from soma_models.v1.schema import param_specs
 
 __all__ = ["Encoder", "EncoderConfig", "Model", "ModelConfig", "Serializable",
            "default_pos_ids"]
@@ -39,9 +41,9 @@ def _check_token_range(token_ids: jax.Array, vocab_size: int) -> None:
 class Model(Serializable, nnx.Module):
     """V1 transformer. token_ids `[B, S]` (int), pos_ids `[B, S]` -> logits `[B, S, vocab]`.
 
-    From-scratch init (as the PyTorch model): N(0, 0.02) weights, zero biases, unit norms;
-    the residual projections use 0.02 / sqrt(2 * num_layers). Dropout (if the config has
-    any) draws from `rngs`' "dropout" stream and is active only in `model.train()` mode.
+    From-scratch init: the schema's rule (`soma_models.v1.initialization`), as the
+    PyTorch model, drawn from `rngs`' "params" stream. Dropout (if the config has any)
+    draws from the "dropout" stream and is active only in `model.train()` mode.
 
     `Model(config, rngs)`: `rngs` positional or keyword. Weights: `save`/`save_bytes`/
     `load`/`load_bytes`/`from_arrays` (canonical safetensors, from `Serializable`).
@@ -53,13 +55,24 @@ class Model(Serializable, nnx.Module):
         if rngs is None:
             raise TypeError("Model needs rngs: Model(config, nnx.Rngs(seed))")
         self.config = config = config or ModelConfig()
-        normal = nnx.initializers.normal(INIT_STD)
-        self.embedding = nnx.Embed(config.vocab_size, config.embedding_dim,
-                                   embedding_init=normal, rngs=rngs)
+        self.embedding = nnx.Embed(config.vocab_size, config.embedding_dim, rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
         self.final_norm = layer_norm(config.embedding_dim, rngs)
-        self.predictor = nnx.Linear(config.embedding_dim, config.vocab_size, kernel_init=normal,
+        self.predictor = nnx.Linear(config.embedding_dim, config.vocab_size,
                                     precision=HIGHEST, rngs=rngs)
+        self.reset_parameters(rngs)
+
+    def reset_parameters(self, rngs: nnx.Rngs) -> None:
+        """From-scratch init: every canonical parameter drawn by the schema's rule, in
+        schema order, from `rngs`' "params" stream."""
+        for spec in param_specs(self.config):
+            variable = flax_variable(self, spec)
+            std = initial_std(spec, self.config)
+            value = jnp.full(variable.shape, initial_mean(spec), dtype=jnp.float32)
+            if std != 0.0:
+                value = value + std * jax.random.normal(rngs.params(), variable.shape,
+                                                        dtype=jnp.float32)
+            variable.set_value(value)
 
     def encode(self, token_ids: jax.Array | np.ndarray | None = None,
                pos_ids: jax.Array | np.ndarray | None = None, *,

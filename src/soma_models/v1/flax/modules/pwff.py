@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from soma_models.v1.configs import ModelConfig, PositionWiseFeedForwardConfig
-from soma_models.v1.flax.modules.attention import HIGHEST, INIT_STD
+from soma_models.v1.flax.numerics import HIGHEST
 
 __all__ = ["PositionWiseFeedForward", "PositionWiseFeedForwardConfig"]
 
@@ -15,15 +15,13 @@ class PositionWiseFeedForward(nnx.Module):
     """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer.
 
     `config`: a `PositionWiseFeedForwardConfig`, or any config with its fields.
+    Parameters start at Flax's defaults; `Model` applies the V1 init rule.
     """
 
-    def __init__(self, config: PositionWiseFeedForwardConfig | ModelConfig, rngs: nnx.Rngs, *,
-                 output_init_std: float = INIT_STD):
+    def __init__(self, config: PositionWiseFeedForwardConfig | ModelConfig, rngs: nnx.Rngs):
         self.linear_inner = nnx.Linear(config.embedding_dim, config.pwff_hidden_dim,
-                                       kernel_init=nnx.initializers.normal(INIT_STD),
                                        precision=HIGHEST, rngs=rngs)
         self.linear_outer = nnx.Linear(config.pwff_hidden_dim, config.embedding_dim,
-                                       kernel_init=nnx.initializers.normal(output_init_std),
                                        precision=HIGHEST, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout_rate,
                                    rngs=rngs if config.dropout_rate > 0.0 else None)

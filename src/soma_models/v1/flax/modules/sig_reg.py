@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from soma_models.v1.configs import SIGRegConfig
-from soma_models.v1.flax.modules.attention import HIGHEST, exact_divide
+from soma_models.v1.flax.numerics import HIGHEST, exact_divide
 from soma_models.v1.noise import quadrature
 
 # Positions per chunk: [chunk, slices] float32 temporaries stay around 16 MB at 1024 slices.

@@ -32,9 +32,13 @@ class Encoder(nn.Module):
         pos_ids = pick("Encoder", "pos_ids", pos_ids, "positions", positions)
         if pos_ids is None:
             pos_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
+        if len(self.layers) == 0:
+            return x
+        # Every layer rotates by the same positions: RoPE's sin/cos once per forward.
+        rope = self.layers[0].attention.rope_tables(pos_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, pos_ids, use_reentrant=False)
+                x = checkpoint(layer, x, pos_ids, rope=rope, use_reentrant=False)
             else:
-                x = layer(x, pos_ids)
+                x = layer(x, pos_ids, rope=rope)
         return x

@@ -12,7 +12,7 @@ from soma_models.v1.configs import (
     ModelConfig,
     PositionWiseFeedForwardConfig,
 )
-from soma_models.v1.torch.modules.attention import MultiHeadAttention
+from soma_models.v1.torch.modules.attention import MultiHeadAttention, RopeTables
 from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
 
 __all__ = ["Layer", "LayerConfig", "MultiHeadAttention", "PositionWiseFeedForward",
@@ -34,9 +34,11 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, context: torch.Tensor, pos_ids: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`context` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1."""
+                positions: torch.Tensor | None = None,
+                rope: RopeTables | None = None) -> torch.Tensor:
+        """`context` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1;
+        `rope`: precomputed RoPE tables (`MultiHeadAttention.rope_tables`)."""
         x = context
         pos_ids = pick("Layer", "pos_ids", pos_ids, "positions", positions)
-        x = x + self.dropout(self.attention(self.norm_1(x), pos_ids))
+        x = x + self.dropout(self.attention(self.norm_1(x), pos_ids, rope=rope))
         return x + self.dropout(self.pwff(self.norm_2(x)))

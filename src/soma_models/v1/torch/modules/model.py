@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from soma_models.v1.aliases import pick
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, EncoderConfig, ModelConfig
+from soma_models.v1.initialization import initial_mean, initial_std
+from soma_models.v1.schema import param_specs
 from soma_models.v1.torch.modules.encoder import Encoder
-from soma_models.v1.torch.serde import Serializable
+from soma_models.v1.torch.serde import Serializable, torch_name
 
 __all__ = ["Encoder", "EncoderConfig", "Model", "ModelConfig", "Serializable",
            "default_pos_ids"]
 
-INIT_STD = 0.02
 _NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32,
                     torch.uint64)
 
@@ -45,22 +44,17 @@ class Model(Serializable, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """From-scratch init: N(0, 0.02) weights, zero biases, unit norms; the two
-        projections that feed the residual stream are scaled by 1/sqrt(2 * num_layers)
-        so that the stream's variance does not grow with depth."""
+        """From-scratch init: every canonical parameter drawn by the schema's rule
+        (`soma_models.v1.initialization`), in schema order from torch's RNG."""
         if any(p.is_meta for p in self.parameters()):
             return
-        residual_std = INIT_STD / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("attention.output", "linear_outer")) else INIT_STD
-                nn.init.normal_(module.weight, 0.0, std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        for spec in param_specs(self.config):
+            param = self.get_parameter(torch_name(spec))
+            std = initial_std(spec, self.config)
+            if std == 0.0:
+                nn.init.constant_(param, initial_mean(spec))
+            else:
+                nn.init.normal_(param, initial_mean(spec), std)
 
     def encode(self, token_ids: torch.Tensor | None = None, pos_ids: torch.Tensor | None = None,
                *, input: torch.Tensor | None = None,
