@@ -375,3 +375,23 @@ def test_crafted_headers_are_one_line_errors(entry, fragment, files, tmp_path, c
     assert main(["validate", str(crafted)]) == 1
     out = capsys.readouterr().out
     assert "refused" in out and fragment in out and "unhashable" not in out
+
+
+def test_nan_loss_is_explained(files, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(files / "w1.safetensors"))
+    tensors["final_norm.gamma"][:] = np.nan
+    nan_file = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan_file))
+    result = run("score", str(nan_file), "--data", str(files / "data.bin"), "--seed", "1",
+                 "--quiet", *SIZES)
+    assert "loss       nan" in result.stdout
+    notes = [line for line in result.stderr.splitlines() if "loss is NaN" in line]
+    assert len(notes) == 1 and notes[0].startswith("soma-models: warning: ")
+    assert "the runtime accepts this file" in notes[0] and "index 0 it wins" in notes[0]
+    result = run("score", str(files / "w1.safetensors"), str(nan_file), "--data",
+                 str(files / "data.bin"), "--seed", "1", "--quiet", *SIZES)
+    assert f"winner     {files / 'w1.safetensors'}" in result.stdout
+    notes = [line for line in result.stderr.splitlines() if "loss is NaN" in line]
+    assert len(notes) == 1 and "passes over it" in notes[0]

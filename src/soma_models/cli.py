@@ -134,6 +134,15 @@ def _score_json(path: str, score: Any) -> dict[str, Any]:
     return out
 
 
+def _nan_loss_note(path: str, index: int) -> str:
+    """What a NaN loss means on chain (SPEC §7)."""
+    rule = ("at index 0 it wins any competition: the runtime's argmin finds nothing below it"
+            if index == 0 else "in a competition the runtime's argmin passes over it (only a "
+            "NaN at index 0 wins, as nothing compares below it)")
+    return (f"{path}: loss is NaN: the runtime accepts this file but its loss is NaN too "
+            f"('soma-models validate' lists NaN/Inf weights); {rule}")
+
+
 def _nan_distance_reason(embedding: np.ndarray, target: Any) -> str:
     """Why a cosine distance is NaN (SPEC §7: the runtime computes NaN too)."""
     rule = "1 - (a/|a|).(b/|b|) divides by both norms, so the runtime's distance is NaN too"
@@ -194,6 +203,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     def report(i: int, score: Any) -> None:
         if many and not args.json:
             print(f"loss {score.loss:.9g}  {args.weights[i]}", flush=True)
+        if math.isnan(score.loss):
+            warnings.warn(_nan_loss_note(args.weights[i], i), stacklevel=1)
 
     result = compete(args.weights, data, args.seed, target=target, keys=keys,
                      framework=args.framework, device=args.device,

@@ -25,6 +25,7 @@ def test_for_protocol_builds_either_revision(protocol: str, layers: int, slices:
     assert ModelConfig.for_protocol(protocol).num_layers == layers
     assert configs.preset("v1", protocol).num_layers == layers
     assert SIGRegConfig.for_protocol(protocol).slices == slices
+    assert ModelConfig.for_protocol(protocol, num_layers=2).num_layers == 2
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -85,8 +85,9 @@ class ModelConfig:
 
     @classmethod
     def for_protocol(cls, protocol: str | Revision | None = None, **overrides: Any) -> ModelConfig:
-        """Full-width V1 as revision `protocol` runs it (None: the process-wide one)."""
-        return replace(cls(), num_layers=resolve(protocol).num_layers, **overrides)
+        """Full-width V1 as revision `protocol` runs it (None: the process-wide one);
+        `overrides` replace any field, `num_layers` included."""
+        return replace(cls(), **{"num_layers": resolve(protocol).num_layers, **overrides})
 
     def require_contract_vocab(self) -> None:
         """Refuse vocabularies that cannot hold the PAD/EOS ids of the data contract."""

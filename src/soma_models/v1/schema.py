@@ -219,16 +219,16 @@ def infer_config(
     inner = shapes.get("encoder.layers.0.pwff.linear_inner.weight")
     if num_layers == 0 or inner is None or len(inner) != 2:
         raise WeightsError(source, [
-            "cannot infer the model config: no encoder layers "
-            "('encoder.layers.0.pwff.linear_inner.weight' missing or malformed)"
+            ("cannot infer the model config: no encoder layers "
+            "('encoder.layers.0.pwff.linear_inner.weight' missing or malformed)")
         ])
     try:
         return ModelConfig(embedding_dim=int(dim), vocab_size=int(vocab),
                            pwff_hidden_dim=int(inner[1]), num_layers=num_layers,
                            num_heads=num_heads, **overrides)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise WeightsError(source, [f"cannot infer a valid model config: {exc}; "
-                                    "pass model_config explicitly"]) from None
+        raise WeightsError(source, [(f"cannot infer a valid model config: {exc}; "
+                                    "pass model_config explicitly")]) from None
 
 
 def _warn(source: str, lines: list[str]) -> None:
