@@ -12,11 +12,15 @@ Sections:
   eval-0.1.7  the same layer at revision "0.1.7"'s evaluation shape: batch 16 x seq 1024,
            256 SIGReg slices (what the network scores today; SPEC §1).
   scaling  peak RSS and time against sequence length, both paths.
-  train    tokens/s of forward + backward + AdamW on a mid-size config.
+  train    the step `soma-models train` runs (`Trainer.train_step`) against a nanoGPT-style
+           step of the same model written below (SDPA causal, fused AdamW, plain
+           cross-entropy, no SIGReg), D 512, 8 layers, seq 1024, batch 8. Both live in
+           one process and their steps alternate, so a shared machine's load falls on
+           both alike; best and mean step of each.
 
-Every measurement runs in a fresh subprocess (this file with --child), so each variant's
-peak RSS (`ru_maxrss`) is its own. Both paths use the same weights, data and noise; the
-script checks that their losses agree (rtol 1e-4) before it reports any speed.
+Every eval measurement runs in a fresh subprocess (this file with --child), so each
+variant's peak RSS (`ru_maxrss`) is its own. Both paths use the same weights, data and
+noise; the script checks that their losses agree (rtol 1e-4) before it reports any speed.
 """
 
 from __future__ import annotations
@@ -68,8 +72,9 @@ FULL = {
     "eval-0.1.7": {"dim": 2048, "heads": 8, "hidden": 8192, "layers": 1, "vocab": 264,
                    "batch": 16, "seq": 1024, "slices": 256},
     "scaling": [1024, 2048, 4096, 8192],
+    # slices 0: the trainer's default (the chain's, for the selected revision).
     "train": {"dim": 512, "heads": 8, "hidden": 2048, "layers": 8, "vocab": 264, "batch": 8,
-              "seq": 1024, "slices": 1024, "steps": 3},
+              "seq": 1024, "slices": 0, "steps": 3},
     "matmul": 2048,
 }
 QUICK = {
@@ -79,7 +84,7 @@ QUICK = {
                    "batch": 4, "seq": 128, "slices": 32},
     "scaling": [256, 512],
     "train": {"dim": 64, "heads": 4, "hidden": 256, "layers": 2, "vocab": 264, "batch": 2,
-              "seq": 128, "slices": 64, "steps": 1},
+              "seq": 128, "slices": 64, "steps": 2},
     "matmul": 512,
 }
 
@@ -228,47 +233,122 @@ def child_eval(case: EvalCase) -> dict:
             "matmul_gflops": matmul}
 
 
+# --- the nanoGPT-style baseline step (plain torch, what a minimal trainer would run) ----
+
+
+class NanoGPTStep:
+    """One training step of the V1 model written the nanoGPT way, from a copy of `model`.
+
+    Same weights and architecture (pre-norm blocks, exact GELU, half-split RoPE), but
+    the plain kernels: RoPE's sin/cos once per forward, `F.scaled_dot_product_attention`
+    with `is_causal=True` (the -inf mask, not the runtime's -1e4 fill), mean
+    cross-entropy over non-PAD targets, no SIGReg, fused AdamW with decay on matrices,
+    gradient clipping at 1.0 (nanoGPT's defaults).
+    """
+
+    def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.1):
+        import copy
+
+        import torch
+
+        self.model = copy.deepcopy(model)
+        params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+            lr=lr, betas=(0.9, 0.95), fused=True)
+
+    def forward(self, token_ids, pos_ids):
+        import torch
+        import torch.nn.functional as F
+
+        model, config = self.model, self.model.config
+        batch, seq = token_ids.shape
+        heads, hd = config.num_heads, config.head_dim
+        inverse_frequency = 1.0 / (config.max_wavelength
+                                   ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        angle = pos_ids.float()[:, None, :, None] * inverse_frequency / config.scale_factor
+        cos, sin = angle.cos(), angle.sin()                            # [B, 1, S, hd/2]
+
+        def rope(t):
+            a, b = t[..., : hd // 2], t[..., hd // 2 :]
+            return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+        x = model.embedding(token_ids)
+        for layer in model.encoder.layers:
+            att = layer.attention
+            h = layer.norm_1(x)
+            q, k, v = (proj(h).view(batch, seq, heads, hd).transpose(1, 2)
+                       for proj in (att.query, att.key, att.value))
+            y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            x = x + att.output(y.transpose(1, 2).reshape(batch, seq, -1))
+            mlp = layer.pwff
+            x = x + mlp.linear_outer(F.gelu(mlp.linear_inner(layer.norm_2(x))))
+        return model.predictor(model.final_norm(x))
+
+    def step(self, token_ids, targets, pos_ids) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        logits = self.forward(token_ids, pos_ids)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1),
+                               ignore_index=256)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
 def child_train(case: TrainCase) -> dict:
+    """The trainer's step and the nanoGPT step, alternated in this one process."""
+    import tempfile
+
+    import numpy as np
     import torch
 
-    from soma_models.v1.configs import SIGRegConfig
-    from soma_models.v1.torch.modules.sig_reg import SIGReg
-    from soma_models.v1.torch.train_step import make_optimizer, prepare_model, train_step
+    from soma_models.train.trainer import TrainConfig, Trainer
 
-    model, token_ids, targets, pos_ids, noise = build(case, torch)
-    model.train()
-    losses = []
-    if case.path in ("ours", "ours+compile"):
-        prepare_model(model, compile=case.path == "ours+compile")
-        optimizer = make_optimizer(model, lr=1e-4)
-        sig_reg = SIGReg(SIGRegConfig(slices=case.slices))
-
-        def step() -> float:
-            return train_step(model, sig_reg, optimizer, (token_ids, targets, pos_ids),
-                              noise=noise).loss
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = straightforward_loss(model, token_ids, targets, pos_ids, noise)
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
-
-    start = time.perf_counter()
-    losses.append(step())                                  # warm-up (first-touch, compile)
-    warmup_seconds = time.perf_counter() - start
-    step_seconds = []
-    for _ in range(case.steps):
+    folder = tempfile.mkdtemp(prefix="soma-bench-")
+    corpus = os.path.join(folder, "corpus.bin")
+    rows_needed = 4 * case.batch * (case.steps + 1)        # more chunks than the run uses
+    with open(corpus, "wb") as fh:
+        fh.write(np.random.default_rng(0).integers(0, 256, rows_needed * case.seq,
+                                                   dtype=np.uint8).tobytes())
+    cfg = TrainConfig(data=[corpus], out_dir=os.path.join(folder, "run"), config="tiny",
+                      embedding_dim=case.dim, num_layers=case.layers, num_heads=case.heads,
+                      pwff_hidden_dim=case.hidden, seq_len=case.seq, batch_size=case.batch,
+                      steps=1000, warmup_steps=0, lr=1e-4, shuffle=False, eval_every=0,
+                      checkpoint_every=0, progress=False, plot=False, device="cpu")
+    if case.slices:
+        cfg.sig_reg_slices = case.slices
+    trainer = Trainer(cfg)
+    model = trainer.module.model if hasattr(trainer.module, "model") else trainer.module
+    baseline = NanoGPTStep(model)
+    # The baseline trains on the trainer's own first batch (same rows every step).
+    batch = trainer.train_table.rows(np.arange(case.batch))
+    token_ids, targets, pos_ids = (torch.from_numpy(a).long()
+                                   for a in (batch.token_ids, batch.targets, batch.pos_ids))
+    timings: dict[str, list[float]] = {"trainer": [], "nanogpt": []}
+    first: dict[str, float] = {}
+    for step in range(case.steps + 1):                    # step 0: warm-up, not timed
         start = time.perf_counter()
-        losses.append(step())
-        step_seconds.append(time.perf_counter() - start)
+        record = trainer.train_step()
+        seconds = time.perf_counter() - start
+        if step == 0:
+            first["trainer_ce"] = record["train_ce"]
+        else:
+            timings["trainer"].append(seconds)
+        start = time.perf_counter()
+        loss = baseline.step(token_ids, targets, pos_ids)
+        seconds = time.perf_counter() - start
+        if step == 0:
+            first["nanogpt_ce"] = loss
+        else:
+            timings["nanogpt"].append(seconds)
     tokens = case.batch * case.seq
-    return {"losses": losses, "step_seconds": step_seconds,
-            "tokens_per_s": tokens * case.steps / sum(step_seconds),
-            "best_tokens_per_s": tokens / min(step_seconds), "peak_rss_mb": peak_rss_mb(),
-            "warmup_seconds": warmup_seconds}
+    return {"first": first, "step_seconds": timings, "tokens": tokens,
+            "slices": trainer.cfg.sig_reg_slices, "peak_rss_mb": peak_rss_mb()}
 
 
 def matmul_gflops(size: int, seconds: float = 2.0) -> float:
@@ -376,28 +456,26 @@ def section_scaling(sizes: dict, threads: int, known: dict[int, dict], repeats: 
 
 def section_train(sizes: dict, threads: int, quick: bool) -> None:
     t = sizes["train"]
-    print("\n== train: forward + backward + AdamW ==")
+    print("\n== train: the step of `soma-models train` against a nanoGPT-style step ==")
+    result = run_child({"kind": "train", **t, "path": "both"}, threads)
     print(f"config: D {t['dim']}, heads {t['heads']}, hidden {t['hidden']}, layers "
-          f"{t['layers']}, batch {t['batch']}, seq {t['seq']}, slices {t['slices']}; "
-          f"{t['steps']} timed steps after 1 warm-up, each path in its own process")
-    paths = ("ours", "straightforward") if quick else ("ours", "straightforward", "ours+compile")
-    results = {path: run_child({"kind": "train", **t, "path": path}, threads) for path in paths}
-    check_same_loss(results["ours"]["losses"][0], results["straightforward"]["losses"][0],
-                    "train (first step)")
-    print(f"{'path':<16}{'tokens/s':>10}{'best step':>11}{'s/step':>9}{'warm-up s':>11}"
-          f"{'peak RSS MB':>13}")
-    for path, r in results.items():
-        print(f"{path:<16}{r['tokens_per_s']:>10.0f}{r['best_tokens_per_s']:>11.0f}"
-              f"{sum(r['step_seconds']) / t['steps']:>9.2f}{r['warmup_seconds']:>11.1f}"
-              f"{r['peak_rss_mb']:>13.0f}")
-    ours, straight = results["ours"], results["straightforward"]
-    print(f"ours / straightforward tokens/s: {ours['tokens_per_s'] / straight['tokens_per_s']:.2f}x"
-          f" (mean), {ours['best_tokens_per_s'] / straight['best_tokens_per_s']:.2f}x (best step)")
-    if "ours+compile" in results:
-        compiled = results["ours+compile"]
-        print(f"ours+compile / ours tokens/s: "
-              f"{compiled['tokens_per_s'] / ours['tokens_per_s']:.2f}x (mean); its warm-up "
-              f"step includes torch.compile")
+          f"{t['layers']}, batch {t['batch']}, seq {t['seq']}; trainer SIGReg slices "
+          f"{result['slices']}; {t['steps']} timed steps of each after 1 warm-up, "
+          f"alternated in one process")
+    # Same model, same first batch: the trainer's cross-entropy per predicted token and
+    # the baseline's mean cross-entropy must agree before any speed is reported.
+    first = result["first"]
+    check_same_loss(first["trainer_ce"], first["nanogpt_ce"], "train (first-step CE)")
+    print(f"{'path':<10}{'best s/step':>13}{'mean s/step':>13}{'best tokens/s':>15}")
+    best = {}
+    for path, seconds in result["step_seconds"].items():
+        best[path] = min(seconds)
+        print(f"{path:<10}{min(seconds):>13.2f}{sum(seconds) / len(seconds):>13.2f}"
+              f"{result['tokens'] / min(seconds):>15.0f}")
+    mean = {p: sum(s) / len(s) for p, s in result["step_seconds"].items()}
+    print(f"trainer / nanoGPT tokens/s: {best['nanogpt'] / best['trainer']:.2f}x (best step), "
+          f"{mean['nanogpt'] / mean['trainer']:.2f}x (mean); peak RSS "
+          f"{result['peak_rss_mb']:.0f} MB (both models in one process)")
 
 
 def main() -> None:
@@ -411,12 +489,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="alternated runs per eval/scaling variant, best kept "
                              "(default 2; 1 with --quick)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="timed steps of each path in the train section (default 3; "
+                             "2 with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child), args.threads)
         return
     sizes = QUICK if args.quick else FULL
+    if args.train_steps:
+        sizes = {**sizes, "train": {**sizes["train"], "steps": args.train_steps}}
     sections = set(args.sections.split(","))
     import torch
 

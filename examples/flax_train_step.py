@@ -2,27 +2,27 @@
 
     python examples/flax_train_step.py [--steps 30]
 
-Each step is one jitted call: the on-chain loss (cross-entropy over every position plus
-0.02 * SIGReg, noise drawn from the SIGReg module's rngs), its gradients, and an AdamW
-update. The printed loss should fall from about ln(264) ~ 5.6 within a few dozen steps.
+Each step is one jitted call of the library's step (`soma_models.v1.flax.train_step`,
+the one `ShardedTrainStep` runs): the on-chain loss (cross-entropy over every position
+plus 0.02 * SIGReg, fresh noise each step), its gradients, and an AdamW update. The printed loss should fall from about ln(264) ~ 5.6 within a few dozen steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import optax
 from flax import nnx
 
 import soma_models
 from soma_models.v1.configs import ModelConfig, SIGRegConfig, preset
-from soma_models.v1.flax.loss import compute_loss
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import SIGReg
+from soma_models.v1.flax.train_step import make_optimizer, train_step
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches
 
 
@@ -43,44 +43,36 @@ def batches(data: bytes, seq_len: int, batch_size: int) -> Iterator[ArrayBatch]:
 
 def make_training(config: ModelConfig, seed: int = 0, learning_rate: float = 3e-3,
                   sig_reg_config: SIGRegConfig | None = None):
-    """A fresh model, its SIGReg (noise from its own rng stream) and an AdamW optimizer."""
-    rngs = nnx.Rngs(seed)
-    model = Model(config, rngs=rngs)
-    sig_reg = SIGReg(sig_reg_config or SIGRegConfig(), rngs=rngs)
-    optimizer = nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=0.01), wrt=nnx.Param)
-    return model, sig_reg, optimizer
-
-
-@nnx.jit
-def train_step(model: Model, sig_reg: SIGReg, optimizer: nnx.Optimizer, token_ids: jax.Array,
-               targets: jax.Array, pos_ids: jax.Array) -> jax.Array:
-    """One AdamW step on the on-chain loss; returns the loss before the update."""
-
-    # sig_reg goes in as an argument, not a closure: drawing its noise advances its rng
-    # stream, and NNX transforms only let state passed through them change.
-    def loss_fn(model: Model, sig_reg: SIGReg) -> jax.Array:
-        loss, _ = compute_loss(model, sig_reg, token_ids, targets, pos_ids)
-        return loss
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model, sig_reg)   # grads w.r.t. model only
-    optimizer.update(model, grads)
-    return loss
+    """A fresh model, its SIGReg, an AdamW optimizer (weight decay on matrices only) and
+    the library's step, jitted with the model's structure bound."""
+    model = Model(config, rngs=nnx.Rngs(seed))
+    sig_reg = SIGReg(sig_reg_config or SIGRegConfig())
+    optimizer = make_optimizer(learning_rate, weight_decay=0.01)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step = jax.jit(functools.partial(train_step, graphdef, rest, sig_reg, optimizer))
+    return model, sig_reg, optimizer, params, step
 
 
 def train(config: ModelConfig, steps: int, seq_len: int, batch_size: int, seed: int = 0,
           data: bytes | None = None, sig_reg_config: SIGRegConfig | None = None,
           log: bool = True) -> list[float]:
-    model, sig_reg, optimizer = make_training(config, seed, sig_reg_config=sig_reg_config)
-    model.train()
+    model, sig_reg, optimizer, params, step = make_training(config, seed,
+                                                            sig_reg_config=sig_reg_config)
+    opt_state = optimizer.init(params)
     stream = batches(source_corpus() if data is None else data, seq_len, batch_size)
+    key = jax.random.key(seed + 1)
     losses = []
-    for step in range(steps):
+    for step_index in range(steps):
         batch = next(stream)
-        loss = float(train_step(model, sig_reg, optimizer, batch.token_ids, batch.targets,
-                                batch.pos_ids))
-        losses.append(loss)
+        # Fresh SIGReg noise every step, as in training on chain-like data.
+        key, noise_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, (config.embedding_dim, sig_reg.config.slices))
+        params, opt_state, loss = step(params, opt_state, batch.token_ids, batch.targets,
+                                       batch.pos_ids, noise)
+        losses.append(float(loss))
         if log:
-            print(f"step {step:3d}  loss {loss:.4f}")
+            print(f"step {step_index:3d}  loss {losses[-1]:.4f}")
+    nnx.update(model, params)      # the trained weights, e.g. for model.save(...)
     return losses
 
 

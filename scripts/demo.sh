@@ -6,6 +6,11 @@
 #
 #   scripts/demo.sh                 # from the repository root (or anywhere: it cds there)
 #   scripts/demo.sh --steps 200     # extra arguments go to `soma-models train --demo`
+#   scripts/demo.sh --protocol 0.1.1   # score as the product page's revision does
+#
+# The score follows a V1 protocol revision: the network's "0.1.7" unless --protocol or
+# SOMA_MODELS_PROTOCOL says otherwise; the demo names the one it used. Each run gets its
+# own folder (runs/demo, then runs/demo-2, ...): an earlier demo is never replaced.
 #
 # About 5-7 minutes on a 2-core CPU once the environment exists.
 set -euo pipefail
@@ -33,7 +38,10 @@ if ! "$venv/bin/python" -c 'import soma_models.train, matplotlib, flax' 2>/dev/n
     touch "$venv/.soma_models_installed"
 fi
 
-echo "==> training (soma-models train --demo $*)"
+protocol="$("$venv/bin/python" -c 'import sys
+from soma_models.train.cli import revision_of
+print(revision_of(sys.argv[1:]))' "$@")"
+echo "==> training (soma-models train --demo $*) under protocol revision $protocol"
 start=$(date +%s)
 "$venv/bin/soma-models" train --demo "$@"
-echo "==> demo finished in $(( $(date +%s) - start )) s"
+echo "==> demo finished in $(( $(date +%s) - start )) s (protocol revision $protocol)"

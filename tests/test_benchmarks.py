@@ -26,7 +26,7 @@ def test_quick_benchmark_prints_every_section() -> None:
         assert heading in out, out
     assert "plain float32 matmul" in out
     assert "ours / straightforward: wall" in out
-    assert "ours / straightforward tokens/s" in out
+    assert "trainer / nanoGPT tokens/s" in out
     # The scaling table has one row per quick sequence length.
     rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert {"256", "512"} <= set(rows), out

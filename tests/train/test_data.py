@@ -6,7 +6,6 @@ from soma_models.train.data import (
     ChunkTable,
     DataError,
     Document,
-    chunk_row,
     find_files,
     read_documents,
     split_documents,
@@ -18,11 +17,13 @@ from soma_models.v1.tokenizer import iter_batches
 def test_chunk_rows_match_the_data_contract(length):
     data = bytes(np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8))
     expected = next(iter_batches(data, 32, batch_size=1000))
-    for chunk in range(expected.token_ids.shape[0]):
-        tokens, targets, pos = chunk_row(data, chunk, 32)
-        np.testing.assert_array_equal(tokens, expected.token_ids[chunk])
-        np.testing.assert_array_equal(targets, expected.targets[chunk])
-        np.testing.assert_array_equal(pos, expected.pos_ids[chunk])
+    table = ChunkTable([Document("d", data)], 32)
+    order = np.arange(len(table))[::-1]                   # any order, one row at a time
+    batch = table.rows(order)
+    for name in ("token_ids", "targets", "pos_ids"):
+        got, want = getattr(batch, name), getattr(expected, name)[order]
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_files_are_found_recursively_sorted_and_filtered(corpus):

@@ -87,3 +87,47 @@ def test_gradient_accumulation_matches_one_large_batch(corpus, tmp_path):
     for (name, p), q in zip(one.module.model.named_parameters(),
                             four.module.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_trainers_step_is_the_librarys(corpus, tmp_path):
+    # One micro-batch: the trainer's logged loss is `compute_loss` on the same rows with
+    # the same SIGReg noise, and its update is `train_step`'s with the same optimizer.
+    from soma_models.train.trainer import _micro_seed
+    from soma_models.v1.configs import SIGRegConfig
+    from soma_models.v1.torch.loss import compute_loss
+    from soma_models.v1.torch.modules import SIGReg
+    from soma_models.v1.torch.train_step import make_optimizer, train_step
+
+    cfg = small_config(corpus, tmp_path / "run", batch_size=2, micro_batch_size=2,
+                       warmup_steps=0, grad_clip=1.0, shuffle=False)
+    trainer = Trainer(cfg)
+    model = trainer.module.model
+    reference = Model(model.config)
+    reference.load_state_dict(model.state_dict())
+    batch = trainer.train_table.rows(np.arange(2))
+    noise = torch.randn(cfg.embedding_dim, cfg.sig_reg_slices,
+                        generator=torch.Generator().manual_seed(_micro_seed(cfg.seed, 0, 0, 1)))
+    sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices))
+    expected_loss, _ = compute_loss(reference, sig_reg, batch.token_ids, batch.targets,
+                                    batch.pos_ids, noise)
+    optimizer = make_optimizer(reference, lr=trainer.optimizer.param_groups[0]["lr"],
+                               weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    record = trainer.train_step()
+    assert record["loss"] == pytest.approx(float(expected_loss.detach()), rel=1e-6)
+    for group in optimizer.param_groups:
+        group["lr"] = record["lr"]
+    result = train_step(reference, sig_reg, optimizer, batch, noise=noise, max_grad_norm=1.0)
+    assert result.loss == pytest.approx(record["loss"], rel=1e-6)
+    assert result.grad_norm == pytest.approx(record["grad_norm"], rel=1e-5)
+    for (name, got), want in zip(model.state_dict().items(),
+                                 reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_speed_options_come_from_prepare_model_and_keep_the_step(corpus, tmp_path):
+    plain = Trainer(small_config(corpus, tmp_path / "a"))
+    checkpointed = Trainer(small_config(corpus, tmp_path / "b", activation_checkpointing=True))
+    assert checkpointed.module.model.encoder.activation_checkpointing
+    a, b = plain.train_step(), checkpointed.train_step()
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)

@@ -13,12 +13,20 @@ Nothing is pickled and nothing is unpickled. A checkpoint folder is first writte
 a temporary name, every file fsynced, then renamed into place; `latest.json` moves to
 it only after that, and older checkpoints are pruned only after *that*. A crash at any
 moment leaves the previous good checkpoint intact and pointed to.
+
+The temporary folder is `soma_models.atomic`'s (`.step_N.PID-TOKEN.soma-tmp`): removed on
+any exception, SIGINT or SIGTERM, and, when a killed writer left one, by the next writer
+into `checkpoints/`.
+
+The RNG states a run depends on (torch CPU and CUDA, NumPy's global generator, Python's
+`random`) are captured and restored here too: `capture_rng` / `restore_rng`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Mapping
@@ -27,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from soma_models.atomic import atomic_write, staging
 from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile, atomic_write, save_file
+from soma_models.safetensors_io import SafetensorsFile, save_file
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -44,19 +53,6 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (e.g. Windows); rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -75,30 +71,45 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_writer,
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    staging = root / f".{final.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        model_writer(staging / MODEL_FILE)
-        save_file(staging / STATE_FILE, dict(tensors), {"format_version": str(FORMAT_VERSION)})
-        write_json(staging / JSON_FILE, {"format_version": FORMAT_VERSION, **state})
-        _fsync_dir(staging)
-        if final.exists():
-            # Same step written again (e.g. after a resume): move the old one aside first.
-            stale = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, stale)
-            os.replace(staging, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Same step written again (e.g. after a resume): `staging` replaces the old folder.
+    with staging(final, directory=True) as folder:
+        model_writer(folder / MODEL_FILE)
+        save_file(folder / STATE_FILE, dict(tensors), {"format_version": str(FORMAT_VERSION)})
+        write_json(folder / JSON_FILE, {"format_version": FORMAT_VERSION, **state})
     write_json(root / LATEST_FILE, {"checkpoint": final.name, "step": step})
     _prune(root, keep=max(1, keep_last), current=final.name)
     return final
+
+
+def capture_rng() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The process's RNG states: `(tensors, json_state)` for `save_checkpoint`'s
+    `tensors` (byte states) and `state["rng"]` (NumPy's and Python's, JSON-able)."""
+    import torch
+
+    tensors = {"rng.torch": torch.get_rng_state().numpy()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = cuda_state.numpy()
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"python": [py_version, list(py_internal), py_gauss],
+             "numpy": [np_state[0], np_state[1].tolist(),
+                       *(v.item() if hasattr(v, "item") else v for v in np_state[2:])]}
+    return tensors, state
+
+
+def restore_rng(tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+    """Put back the states `capture_rng` returned (CUDA ones for the devices present)."""
+    import torch
+
+    torch.set_rng_state(torch.from_numpy(np.asarray(tensors["rng.torch"])))
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"rng.cuda.{i}" in tensors:
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(tensors[f"rng.cuda.{i}"])), i)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
 
 
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -115,6 +126,12 @@ def _prune(root: Path, keep: int, current: str) -> None:
     for _, path in complete[:-keep]:
         if path.name != current:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def has_checkpoint(root: str | os.PathLike) -> bool:
+    """Whether `root` has anything to resume from (`latest.json` or a complete step_*/)."""
+    root = Path(root)
+    return (root / LATEST_FILE).is_file() or bool(_complete_checkpoints(root))
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

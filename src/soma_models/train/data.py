@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soma_models.v1.configs import V1_EOS_TOKEN_ID, V1_PAD_TOKEN_ID
+from soma_models.v1.tokenizer import ArrayBatch, allocate_rows, write_rows
 
 SPLITS = ("file", "bytes")
 
@@ -136,41 +136,6 @@ def join_documents(documents: Iterable[Document]) -> bytes:
     return b"".join(d.data for d in documents)
 
 
-def chunk_row(data: bytes | memoryview, chunk: int, max_seq_len: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row `chunk` of `data` under the data contract: `(token_ids, targets, pos_ids)`, each `[L]`.
-
-    Identical to the corresponding row of `soma_models.v1.tokenizer.iter_batches(data, L)`
-    (tests check it): bytes, then EOS only if this is a short final chunk, then PAD;
-    positions are global offsets, clamped to the end of the data on EOS/PAD; targets are
-    the tokens shifted left with PAD last.
-    """
-    start = chunk * max_seq_len
-    piece = np.frombuffer(data, dtype=np.uint8)[start:start + max_seq_len]
-    length = len(piece)
-    if length == 0:
-        raise IndexError(f"chunk {chunk} is past the end of {len(data)} bytes")
-    tokens = np.full(max_seq_len, V1_PAD_TOKEN_ID, dtype=np.int32)
-    tokens[:length] = piece
-    pos = start + np.arange(max_seq_len, dtype=np.int64)
-    if length < max_seq_len:
-        tokens[length] = V1_EOS_TOKEN_ID
-        pos[length:] = start + length
-    targets = np.empty_like(tokens)
-    targets[:-1] = tokens[1:]
-    targets[-1] = V1_PAD_TOKEN_ID
-    return tokens, targets, pos
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A training batch, each array `[rows, max_seq_len]`."""
-
-    token_ids: np.ndarray   # int64 (torch embedding indices)
-    targets: np.ndarray     # int64
-    pos_ids: np.ndarray     # int64
-
-
 class ChunkTable:
     """All contract chunks of a list of documents, addressable by one flat index."""
 
@@ -184,22 +149,21 @@ class ChunkTable:
         self.first_chunk = np.concatenate(([0], np.cumsum(counts)))[:-1].astype(np.int64)
         self.doc_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         self.num_bytes = sum(len(d.data) for d in self.documents)
+        self._flat = [np.frombuffer(d.data, dtype=np.uint8) for d in self.documents]
 
     def __len__(self) -> int:
         return len(self.doc_of)
 
-    def rows(self, indices: Sequence[int]) -> Batch:
-        """The rows of chunks `indices`, stacked in that order."""
-        tokens, targets, pos = [], [], []
-        for index in indices:
+    def rows(self, indices: Sequence[int]) -> ArrayBatch:
+        """The rows of chunks `indices`, stacked in that order, built by the contract's
+        own `soma_models.v1.tokenizer.write_rows` (row i is the row `iter_batches` gives
+        for that chunk of its document)."""
+        tokens, targets, pos = allocate_rows(len(indices), self.max_seq_len)
+        for row, index in enumerate(indices):
             doc = int(self.doc_of[index])
-            t, y, p = chunk_row(self.documents[doc].data, int(index - self.first_chunk[doc]),
-                                self.max_seq_len)
-            tokens.append(t)
-            targets.append(y)
-            pos.append(p)
-        return Batch(np.stack(tokens).astype(np.int64), np.stack(targets).astype(np.int64),
-                     np.stack(pos))
+            write_rows(self._flat[doc], int(index - self.first_chunk[doc]),
+                       tokens[row:row + 1], targets[row:row + 1], pos[row:row + 1])
+        return ArrayBatch(tokens, targets, pos)
 
 
 class ChunkStream:

@@ -1,8 +1,8 @@
 """Data-parallel training of the Flax model over a `jax.sharding.Mesh`.
 
 The batch is split along its rows over the mesh's "data" axis; parameters and optimizer
-state are replicated. The step is one `jax.jit` of the whole on-chain loss over the
-*global* batch, so XLA inserts the cross-device reductions itself: N devices compute
+state are replicated. The step is the library's (`soma_models.v1.flax.train_step`), one
+`jax.jit` of the whole on-chain loss over the *global* batch, so XLA inserts the cross-device reductions itself: N devices compute
 the same loss and gradient as one device (up to float summation order) and every
 device applies the same AdamW update.
 
@@ -18,6 +18,7 @@ first and build the mesh over `jax.devices()`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -28,9 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from soma_models.v1.configs import SIGRegConfig
-from soma_models.v1.flax.loss import compute_loss
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import SIGReg
+from soma_models.v1.flax.train_step import make_optimizer, train_step
 
 DATA_AXIS = "data"
 
@@ -41,20 +42,29 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
+                           min_ratio: float = 0.1) -> optax.Schedule:
+    """`soma_models.train.schedule.learning_rate` as an optax schedule (same value at
+    every step; tests/train/test_schedule.py checks it): linear warmup from
+    `peak / warmup_steps` to `peak` over steps 0 .. warmup-1, then a half cosine from
+    `peak` at step `warmup_steps` to `min_ratio * peak` at `total_steps`."""
+    decay = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps - warmup_steps),
+                                        alpha=min_ratio)
+    if warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(peak / warmup_steps, peak,
+                                   transition_steps=max(warmup_steps - 1, 1))
+    return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
+
+
 def adamw_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1,
                    weight_decay: float = 0.1, grad_clip: float = 1.0,
                    betas: tuple[float, float] = (0.9, 0.95)) -> optax.GradientTransformation:
-    """The torch trainer's optimizer in optax: clip, then AdamW with warmup + cosine;
-    weight decay on matrices only."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=lr / max(warmup_steps, 1), peak_value=lr,
-        warmup_steps=max(warmup_steps - 1, 0), decay_steps=max(total_steps - 1, 1),
-        end_value=lr * min_ratio)
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay,
-                    mask=decay_mask))
+    """The torch trainer's optimizer in optax: clip, then AdamW (`flax.train_step.
+    make_optimizer`: weight decay on matrices only) on the trainer's schedule."""
+    return make_optimizer(learning_rate_schedule(lr, warmup_steps, total_steps, min_ratio),
+                          weight_decay=weight_decay, betas=betas, eps=1e-8,
+                          max_grad_norm=grad_clip if grad_clip > 0 else None)
 
 
 class ShardedTrainStep:
@@ -72,18 +82,7 @@ class ShardedTrainStep:
         self.tx = optimizer or adamw_schedule(lr, warmup_steps, total_steps)
         self.opt_state = jax.device_put(self.tx.init(self.params), self.replicated)
         sig_reg = SIGReg(sig_reg_config or SIGRegConfig())
-        graphdef, rest = self.graphdef, self.rest
-
-        def loss_fn(params, token_ids, targets, pos_ids, noise):
-            model = nnx.merge(graphdef, params, rest)
-            loss, _ = compute_loss(model, sig_reg, token_ids, targets, pos_ids, noise)
-            return loss
-
-        def step(params, opt_state, token_ids, targets, pos_ids, noise):
-            loss, grads = jax.value_and_grad(loss_fn)(params, token_ids, targets, pos_ids,
-                                                      noise)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+        step = functools.partial(train_step, self.graphdef, self.rest, sig_reg, self.tx)
 
         self._step = jax.jit(
             step,

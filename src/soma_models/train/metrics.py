@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from soma_models.atomic import atomic_write
 from soma_models.v1.configs import SIGRegConfig
 from soma_models.v1.scoring import Score, score
 from soma_models.v1.tokenizer import iter_batches
@@ -35,9 +36,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, ["".join(k + "\n" for k in kept).encode("utf-8")])
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 The objective is what the chain scores (SPEC §6): per micro-batch,
 `cross_entropy_sum / (rows * seq_len) + coefficient * SIGReg(representations, noise)`,
-with fresh Gaussian SIGReg noise for every micro-batch.
+with fresh Gaussian SIGReg noise for every micro-batch. Each step is the library's own
+(`soma_models.v1.torch.train_step`: `backward` per micro-batch, then `apply_update`), on
+the loss of `soma_models.v1.torch.loss`, with its optimizer groups and bf16 policy.
 
 Determinism. Every source of randomness is a function of `(seed, step, micro-batch)`:
 the chunk order (one seeded permutation per epoch), the dropout masks (torch's RNG is
@@ -18,11 +20,20 @@ Hence
 Global batch = `micro_batch_size * accumulation * world_size` chunks. Global micro-batch
 `m` of a step goes to rank `m % world_size`.
 
-Sequence-length curriculum. The chain scores 8192-byte sequences; a small model trained
-only on short ones attends poorly over long contexts. `final_seq_len` / `final_steps`
+Sequence-length curriculum. The chain scores sequences of its protocol revision's
+`max_seq_len` (1024 bytes under "0.1.7", 8192 under "0.1.1"); a small model trained only
+on short ones attends poorly over long contexts. `final_seq_len` / `final_steps`
 make the last `final_steps` steps use `final_seq_len`-long chunks, with the batch cut
 to keep the tokens per step (`batch_size * seq_len / final_seq_len` sequences, one per
 micro-batch). Short steps are cheap and learn fast; the final ones teach long contexts.
+
+Run management. A run owns its folder (`run_folder.RunLock`) while it runs; it refuses a
+folder holding another run unless resuming it (`resume`, every setting that decides the
+weights as the checkpoint has it) or replacing it (`overwrite`); it stops before an
+optimizer step whose loss or gradient norm is not finite, and never saves non-finite
+weights; SIGTERM and SIGINT stop it with an exception, so no half-written checkpoint
+remains. `protocol` picks the revision the exact score (and the SIGReg slices default)
+follows.
 """
 
 from __future__ import annotations
@@ -31,18 +42,20 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import random
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 
+from soma_models.atomic import clean_stale
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import distributed as distrib
+from soma_models.train import options
 from soma_models.train.data import (
     SPLITS,
     ChunkStream,
@@ -52,27 +65,40 @@ from soma_models.train.data import (
     read_documents,
     split_documents,
 )
+from soma_models.train.errors import NonFiniteError, TrainConfigError, TrainError
 from soma_models.train.metrics import MetricsLog, exact_score, heldout_cross_entropy, read_metrics
 from soma_models.train.plot import MISSING_MATPLOTLIB, plot_losses
+from soma_models.train.run_folder import (
+    RunFolderError,
+    RunLock,
+    clear_run,
+    existing_entries,
+    terminate_raises,
+)
 from soma_models.train.schedule import learning_rate
 from soma_models.v1.configs import (
-    V1_BATCH_SIZE,
-    V1_MAX_SEQ_LEN,
-    V1_PAD_TOKEN_ID,
     V1_SIG_REG_COEFFICIENT,
-    V1_SIG_REG_SLICES,
     ModelConfig,
     SIGRegConfig,
     preset,
 )
-from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.revisions import Revision, resolve
+from soma_models.v1.torch import train_step as step_lib
 from soma_models.v1.torch.modules import Model, SIGReg
 
 SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
 
-
-class TrainError(ValueError):
-    """A training run cannot start or continue; the message is one line naming the problem."""
+#: Settings `--resume` may change: they decide where and how a run is watched, saved and
+#: scheduled on hardware, not the weights it reaches (micro-batch size, process count and
+#: compilation change float summation order only; activation checkpointing nothing). Every other setting must match the checkpoint's;
+#: the model sizes are compared through the model config, the data through its
+#: fingerprint, and `init_from` only matters before the first step.
+RESUME_MAY_CHANGE = frozenset({
+    "data", "out_dir", "resume", "overwrite", "protocol", "init_from", "config", "dropout",
+    *SIZE_FIELDS, "micro_batch_size", "eval_every", "eval_batch_size", "score_every",
+    "score_seed", "score_seq_len", "score_batch_size", "checkpoint_every",
+    "keep_checkpoints", "max_minutes", "progress", "plot", "device", "threads", "parallel",
+    "activation_checkpointing", "compile"})
 
 
 @dataclass
@@ -108,20 +134,24 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     sig_reg_coefficient: float = V1_SIG_REG_COEFFICIENT
-    sig_reg_slices: int = V1_SIG_REG_SLICES
+    sig_reg_slices: int | None = None    # None: the protocol revision's (256 or 1024)
     sig_reg_positions: int | None = None  # SIGReg on a random subset of positions (unbiased)
-    bf16: bool = False
+    bf16: bool = False                   # bfloat16 autocast (train_step.check_bf16_autocast)
+    activation_checkpointing: bool = False  # speed/memory options: train_step.prepare_model
+    compile: bool = False
     seed: int = 0
     # --- watching and saving ---
     eval_every: int = 100
     eval_batch_size: int = 8
     score_every: int = 0                 # 0: score only at the end
     score_seed: int = 0
-    score_seq_len: int | None = None     # None: the chain's 8192
-    score_batch_size: int = V1_BATCH_SIZE
+    score_seq_len: int | None = None     # None: the revision's max_seq_len (1024 or 8192)
+    score_batch_size: int | None = None  # None: the revision's batch size (16 or 32)
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False                 # continue the run in out_dir from its checkpoint
+    overwrite: bool = False              # replace a run already in out_dir
+    protocol: str | None = None          # V1 revision scored against (None: the default)
     max_minutes: float | None = None     # stop early (and checkpoint) after this long
     progress: bool = True
     plot: bool = True
@@ -130,8 +160,22 @@ class TrainConfig:
     threads: int | None = None           # torch CPU threads (None: torch's default)
     parallel: str | None = None          # None/"ddp" or "fsdp" (under torchrun)
 
+    def revision(self) -> Revision:
+        """The protocol revision: `protocol`, else SOMA_MODELS_PROTOCOL, else "0.1.7"."""
+        return resolve(self.protocol)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the revision's defaults filled in (what a run records)."""
+        revision = self.revision()
+        return dataclasses.replace(
+            self, protocol=revision.name,
+            sig_reg_slices=(revision.sig_reg_slices if self.sig_reg_slices is None
+                            else self.sig_reg_slices),
+            score_seq_len=self.score_seq_len or revision.max_seq_len,
+            score_batch_size=self.score_batch_size or revision.batch_size)
+
     def model_config(self) -> ModelConfig:
-        base = preset(self.config)
+        base = preset(self.config, self.protocol)
         sizes = {k: getattr(self, k) for k in SIZE_FIELDS if getattr(self, k) is not None}
         return dataclasses.replace(base, dropout_rate=self.dropout, **sizes)
 
@@ -151,6 +195,7 @@ class TrainResult:
     score_seq_len: int
     tokens_per_second: float
     seconds: float
+    protocol: str = ""  # the revision the score was computed under
 
 
 @dataclass
@@ -180,37 +225,117 @@ def _corpus_fingerprint(documents) -> str:
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise TrainError(message)
+        raise TrainConfigError(message)
 
 
 class Trainer:
     """One training run. `Trainer(cfg).run()` trains, checkpoints, scores, plots."""
 
     def __init__(self, cfg: TrainConfig, ctx: distrib.DistContext | None = None):
-        self.cfg = cfg
+        try:
+            self.revision = cfg.revision()
+        except ValueError as exc:  # the argument's, or SOMA_MODELS_PROTOCOL's (it says so)
+            raise TrainConfigError(f"--protocol: {exc}" if cfg.protocol is not None
+                                   else str(exc)) from None
+        self.cfg = cfg = cfg.resolved()
+        self.out_dir = Path(cfg.out_dir)
+        self._lock: RunLock | None = None
+        self._created_out_dir = False
+        self._validate_settings()
         self.ctx = ctx or distrib.init_distributed(cfg.device)
+        self._validate()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.out_dir = Path(cfg.out_dir)
-        self._validate()
-        self.model_config = cfg.model_config()
-        self.model_config.require_contract_vocab()
-        self._setup_data()
-        self._setup_model()
+        self._claim_out_dir()
+        try:
+            self.model_config = cfg.model_config()
+            self.model_config.require_contract_vocab()
+            self._setup_data()
+            self._setup_model()
+        except BaseException:
+            self.close()
+            raise
         self.step = 0
         self.tokens = 0  # training positions processed (PAD included)
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
 
+    # ------------------------------------------------------------ run folder
+    def _claim_out_dir(self) -> None:
+        """Lock `out_dir` (rank 0) and check that this run may write there: a folder that
+        holds a run needs --resume or --overwrite, and --resume needs a checkpoint."""
+        failure: Exception | None = None
+        if self.ctx.is_main:
+            try:
+                self._claim_out_dir_main()
+            except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
+                failure = exc
+        message = distrib.broadcast_object(self.ctx, None if failure is None else str(failure))
+        if failure is not None:
+            self.close()
+            raise failure
+        if message is not None:
+            raise TrainError(message)
+
+    def _claim_out_dir_main(self) -> None:
+        cfg, out = self.cfg, self.out_dir
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out}: exists and is not a folder")
+        self._created_out_dir = not out.exists()
+        self._lock = RunLock(out).acquire()
+        try:
+            present = existing_entries(out)
+            if cfg.resume and not ckpt.has_checkpoint(self.checkpoint_root):
+                hint = (" (it holds an unfinished run: --overwrite starts over)" if present
+                        else "")
+                raise RunFolderError(f"--resume: no checkpoint to resume from in "
+                                     f"{self.checkpoint_root}{hint}")
+            if present and not cfg.resume and not cfg.overwrite:
+                raise RunFolderError(
+                    f"--out {out} already holds a run ({', '.join(present)}); continue it "
+                    f"with --resume, replace it with --overwrite, or choose another --out")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (and remove it if this run created it and left it empty)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            if self._created_out_dir:
+                with contextlib.suppress(OSError):
+                    self.out_dir.rmdir()  # only succeeds if nothing was written
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _tidy_out_dir(self) -> None:
+        """Rank 0, lock held: replace an old run (--overwrite) and remove the temporaries
+        that killed writers left (`atomic.staging` also does so on every write)."""
+        if self.cfg.overwrite:
+            clear_run(self.out_dir)
+        clean_stale(self.out_dir)
+        if self.checkpoint_root.is_dir():
+            clean_stale(self.checkpoint_root)
+
     # ------------------------------------------------------------------ setup
-    def _validate(self) -> None:
-        cfg, world = self.cfg, self.ctx.world_size
+    def _validate_settings(self) -> None:
+        """Every setting on its own, and those that exclude each other: before anything."""
+        cfg = self.cfg
+        for name in options.RULES:
+            options.check(name, getattr(cfg, name))
         _check(cfg.split in SPLITS, f"unknown split {cfg.split!r}; choose one of {SPLITS}")
-        for name in ("seq_len", "steps", "batch_size", "eval_batch_size", "score_batch_size",
-                     "sig_reg_slices", "sig_reg_positions", "threads"):
-            if getattr(cfg, name) is None:
-                continue
-            _check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
-                                           f"got {getattr(cfg, name)}")
+        _check(cfg.parallel in (None, *distrib.PARALLEL_MODES),
+               f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp")
+        _check(not (cfg.resume and cfg.overwrite),
+               "--resume and --overwrite exclude each other: continue the run, or replace it")
+
+    def _validate(self) -> None:
+        """The batch layout for this number of processes."""
+        cfg, world = self.cfg, self.ctx.world_size
         micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
         _check(cfg.batch_size % (micro * world) == 0,
                f"batch size {cfg.batch_size} is not a multiple of micro-batch size {micro} x "
@@ -225,10 +350,6 @@ class Trainer:
                    f"--final-seq-len {cfg.final_seq_len} leaves {rows} sequence(s) per step "
                    f"(batch {cfg.batch_size} x seq-len {cfg.seq_len} / final length), not a "
                    f"positive multiple of {world} process(es)")
-        _check(cfg.parallel in (None, *distrib.PARALLEL_MODES),
-               f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp")
-        _check(cfg.lr > 0 and cfg.grad_clip >= 0 and 0 <= cfg.min_lr_ratio <= 1,
-               "need --lr > 0, --grad-clip >= 0 and 0 <= --min-lr-ratio <= 1")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -265,21 +386,21 @@ class Trainer:
                 raise TrainError(" ".join(str(exc).split())) from None
             model.load_state_dict(source.state_dict())
         model.to(ctx.device)
+        step_lib.prepare_model(model, activation_checkpointing=cfg.activation_checkpointing,
+                               compile=cfg.compile)
         self.param_names = [name for name, _ in model.named_parameters()]
         self.module = distrib.wrap(distrib.TrainingModule(model), cfg.parallel, ctx)
         self.sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices,
                                            coefficient=cfg.sig_reg_coefficient))
-        # Weight decay on matrices only (embedding, linear weights), not on norms or biases.
         inner = distrib.unwrap(self.module).model
-        decay = [p for p in inner.parameters() if p.ndim >= 2]
-        no_decay = [p for p in inner.parameters() if p.ndim < 2]
+        # FSDP2's sharded parameters take the per-parameter loop; elsewhere the fused kernel.
+        self.optimizer = step_lib.make_optimizer(
+            inner, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+            eps=1e-8, implementation="loop" if cfg.parallel == "fsdp" else "auto")
+        # Optimizer-state order (checkpoints name each parameter's state).
         by_id = {id(p): n for n, p in inner.named_parameters()}
-        self.param_names = [by_id[id(p)] for p in decay + no_decay]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-            foreach=cfg.parallel != "fsdp")
+        self.param_names = [by_id[id(p)] for group in self.optimizer.param_groups
+                            for p in group["params"]]
 
     # ----------------------------------------------------------- checkpoints
     @property
@@ -298,18 +419,38 @@ class Trainer:
         plain.load_state_dict(state, assign=True)
         return plain
 
+    def _require_finite_weights(self, plain: Model | None) -> None:
+        """Refuse to save weights holding NaN/Inf (checked on rank 0, agreed by all)."""
+        bad = None
+        if self.ctx.is_main:
+            bad = [name for name, p in plain.named_parameters()
+                   if not bool(torch.isfinite(p).all())]
+        bad = distrib.broadcast_object(self.ctx, bad)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteError(
+                f"step {self.step}: the weights hold NaN or Inf ({shown}); training stopped "
+                f"without saving them. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        """Where the run stands on disk, for an error message."""
+        try:
+            folder = ckpt.find_checkpoint(self.checkpoint_root)
+        except ckpt.CheckpointError:
+            return ("No checkpoint was written before this step; lower --lr (or check the "
+                    "data) and start again with --overwrite")
+        return (f"The last good checkpoint, {folder}, is unchanged; lower --lr and start a "
+                f"new run, e.g. with --init-from {folder / ckpt.MODEL_FILE}")
+
     def save_checkpoint(self) -> None:
         plain = self._plain_model()
+        self._require_finite_weights(plain)
         optim = distrib.full_optimizer_state(self.module, self.optimizer, self.cfg.parallel,
                                              self.param_names)
         if self.ctx.is_main:
             tensors = {f"optimizer.{k}": v.numpy() for k, v in optim.items()}
-            tensors["rng.torch"] = torch.get_rng_state().numpy()
-            if torch.cuda.is_available():
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    tensors[f"rng.cuda.{i}"] = s.numpy()
-            np_state = np.random.get_state()
-            py_version, py_internal, py_gauss = random.getstate()
+            rng_tensors, rng_state = ckpt.capture_rng()
+            tensors.update(rng_tensors)
             state = {
                 "step": self.step,
                 "data_position": [phase.stream.position for phase in self.phases],
@@ -318,8 +459,7 @@ class Trainer:
                 "train_config": self.cfg.to_dict(),
                 "corpus": self.corpus,
                 "world_size": self.ctx.world_size,
-                "rng": {"python": [py_version, list(py_internal), py_gauss],
-                        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]},
+                "rng": rng_state,
             }
             ckpt.save_checkpoint(self.checkpoint_root, self.step, model_writer=plain.save,
                                  tensors=tensors, state=state,
@@ -327,10 +467,9 @@ class Trainer:
         distrib.barrier(self.ctx)
 
     def resume(self) -> None:
-        """Continue from the newest checkpoint under `out_dir` (nothing there: start fresh)."""
+        """Continue from the newest checkpoint under `out_dir`; refuses (one line) a missing
+        checkpoint and any setting that would make the run differ from the checkpoint's."""
         root = self.checkpoint_root
-        if not root.exists() or not any(root.iterdir()):
-            return
         try:
             folder = ckpt.find_checkpoint(root)
             state, tensors = ckpt.read_checkpoint(folder)
@@ -343,14 +482,19 @@ class Trainer:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested "
                                 f"{self.model_config.to_dict().get(k)!r}" for k in diff)
             raise TrainError(f"{folder}: model config does not match the checkpoint ({details})")
-        for name in ("seq_len", "final_seq_len"):
-            saved_value = state.get("train_config", {}).get(name)
-            _check(saved_value == getattr(self.cfg, name),
-                   f"{folder}: checkpoint was trained with --{name.replace('_', '-')} "
-                   f"{saved_value}, not {getattr(self.cfg, name)}")
-        _check(state.get("corpus", {}).get("fingerprint") == self.corpus["fingerprint"],
-               f"{folder}: the training data differs from the checkpoint's (files or sizes "
-               f"changed); resume with the same data, or start a new --out-dir")
+        saved_cfg = state.get("train_config", {})
+        changed = [f"{options.option_name(name)} {value!r} (checkpoint: {saved_cfg[name]!r})"
+                   for name, value in self.cfg.to_dict().items()
+                   if name not in RESUME_MAY_CHANGE and name in saved_cfg
+                   and saved_cfg[name] != value]
+        if changed:
+            raise TrainError(f"{folder}: --resume with settings that change the run: "
+                             f"{', '.join(changed)}; keep them as the checkpoint has them, or "
+                             f"start a new run (another --out, or --overwrite)")
+        if state.get("corpus", {}).get("fingerprint") != self.corpus["fingerprint"]:
+            raise TrainError(f"{folder}: the training data differs from the checkpoint's "
+                             f"(files or sizes changed); resume with the same data, or start "
+                             f"a new run (another --out, or --overwrite)")
         try:
             weights = Model.load(folder / ckpt.MODEL_FILE, self.model_config)
         except (OSError, ValueError) as exc:
@@ -370,14 +514,7 @@ class Trainer:
         for phase, position in zip(self.phases, positions, strict=True):
             phase.stream.position = int(position)
         self.tokens = int(state["tokens"])
-        torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            if f"rng.cuda.{i}" in tensors:
-                torch.cuda.set_rng_state(torch.from_numpy(tensors[f"rng.cuda.{i}"]), i)
-        py = state["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        npy = state["rng"]["numpy"]
-        np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+        ckpt.restore_rng(tensors, state["rng"])
         if self.ctx.is_main:
             self.log.truncate_after(self.step)
 
@@ -388,35 +525,31 @@ class Trainer:
             return self.phases[1]
         return self.phases[0]
 
-    def _micro_batch_loss(self, table: ChunkTable, indices: np.ndarray, step: int, micro: int
-                          ) -> tuple[torch.Tensor, float, int]:
-        """On-chain loss of one micro-batch; returns (loss, ce_sum, predicted tokens)."""
+    def _micro_batch(self, table: ChunkTable, indices: np.ndarray, step: int, micro: int,
+                     accumulation: int) -> tuple[float, float, int]:
+        """Forward and backward of one micro-batch (`train_step.backward`, the library's
+        step); returns (loss, ce_sum, predicted tokens)."""
         cfg, dev = self.cfg, self.ctx.device
         batch = table.rows(indices)
-        tokens = torch.from_numpy(batch.token_ids).to(dev)
-        targets = torch.from_numpy(batch.targets).to(dev)
-        pos = torch.from_numpy(batch.pos_ids).to(dev)
+        tokens, targets, pos = step_lib.batch_tensors(batch, dev)
         # Dropout masks depend only on (seed, step, micro-batch): see the module docstring.
         torch.manual_seed(_micro_seed(cfg.seed, step, micro, 0))
         noise_gen = torch.Generator().manual_seed(_micro_seed(cfg.seed, step, micro, 1))
         noise = torch.randn(self.model_config.embedding_dim, cfg.sig_reg_slices,
                             generator=noise_gen).to(dev)
-        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16
-                    else contextlib.nullcontext())
-        with autocast:
-            representations, logits = self.module(tokens, pos)
-        ce_sum = cross_entropy_sum(logits.float(), targets)
-        loss = ce_sum / targets.numel()
-        if cfg.sig_reg_coefficient > 0:
-            flat = representations.float().reshape(-1, representations.shape[-1])
-            if cfg.sig_reg_positions and cfg.sig_reg_positions < flat.shape[0]:
-                # SIGReg is a mean over positions: a uniform random subset of them is an
-                # unbiased estimate of it, at a fraction of the cost (cos/sin of
-                # positions x slices x points dominates small models' steps).
-                subset = torch.randperm(flat.shape[0], generator=noise_gen)
-                flat = flat[subset[:cfg.sig_reg_positions].to(dev)]
-            loss = loss + self.sig_reg(flat, noise=noise)
-        return loss, float(ce_sum.detach()), int((targets != V1_PAD_TOKEN_ID).sum())
+        rows = None
+        positions = tokens.numel()
+        if (cfg.sig_reg_coefficient > 0 and cfg.sig_reg_positions
+                and cfg.sig_reg_positions < positions):
+            # SIGReg on a uniform random subset of positions: an unbiased estimate at a
+            # fraction of the cost (cos/sin of positions x slices x points dominates
+            # small models' steps).
+            rows = torch.randperm(positions, generator=noise_gen)[:cfg.sig_reg_positions]
+            rows = rows.to(dev)
+        terms = step_lib.backward(self.module, self.sig_reg, tokens, targets, pos,
+                                  noise=noise, sig_reg_rows=rows, autocast_bf16=cfg.bf16,
+                                  accumulation=accumulation)
+        return float(terms.loss.detach()), float(terms.ce_sum.detach()), batch.num_data_tokens
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over one global batch."""
@@ -439,23 +572,35 @@ class Trainer:
             elif cfg.parallel == "fsdp":
                 self.module.set_requires_gradient_sync(last)
             with sync:
-                loss, ce_sum, tokens = self._micro_batch_loss(phase.table, rows, self.step,
-                                                              micro)
-                (loss / phase.accumulation).backward()
-            loss_total += float(loss.detach())
+                loss, ce_sum, tokens = self._micro_batch(phase.table, rows, self.step, micro,
+                                                         phase.accumulation)
+            loss_total += loss
             ce_total += ce_sum
             token_total += tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            distrib.unwrap(self.module).parameters(),
-            cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        self.optimizer.step()
+        loss_mean, ce_sum_all, tokens_all = distrib.all_reduce_mean(
+            ctx, [loss_total / phase.accumulation, ce_total, float(token_total)])
+        grad_norm = step_lib.apply_update(
+            self.optimizer, distrib.unwrap(self.module).parameters(),
+            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+            before_step=lambda norm: self._check_finite(loss_mean, norm))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += phase.batch_size * phase.seq_len
-        loss_mean, ce_sum_all, tokens_all = distrib.all_reduce_mean(
-            ctx, [loss_total / phase.accumulation, ce_total, float(token_total)])
         return {"loss": loss_mean, "train_ce": ce_sum_all / max(tokens_all, 1.0),
                 "lr": lr, "grad_norm": grad_norm, "seq_len": phase.seq_len}
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop before an optimizer step that would write NaN/Inf into the weights. The loss
+        is the all-reduced one and the norm the global one, so every process agrees."""
+        bad = [f"{what} {value}" for what, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        if bad:
+            if self.ctx.is_main:
+                self.log.write(kind="stopped", step=self.step + 1, reason="non-finite",
+                               **{k: str(v) for k, v in (("loss", loss), ("grad_norm", grad_norm))})
+            raise NonFiniteError(
+                f"step {self.step + 1}: non-finite {' and '.join(bad)}; training stopped before "
+                f"the optimizer step (no weights updated or saved). {self._last_good()}")
 
     def evaluate(self, with_score: bool) -> dict[str, float]:
         """Held-out cross-entropy (and, if asked, the exact score) on rank 0."""
@@ -475,26 +620,35 @@ class Trainer:
             if with_score:
                 result = exact_score(plain, self.val_data, cfg.score_seed,
                                      max_seq_len=self.score_seq_len,
-                                     batch_size=cfg.score_batch_size)
+                                     batch_size=cfg.score_batch_size,
+                                     sig_reg_config=SIGRegConfig.for_protocol(self.revision))
                 out["score"] = float(result.loss)
         distrib.barrier(self.ctx)
         return out
 
     @property
     def score_seq_len(self) -> int:
-        return self.cfg.score_seq_len or V1_MAX_SEQ_LEN
+        return self.cfg.score_seq_len  # resolved: the revision's max_seq_len by default
 
     def run(self) -> TrainResult:
+        """Train to `cfg.steps` (or `max_minutes`), then release the run folder. SIGTERM and
+        SIGINT stop it with an exception that removes any half-written checkpoint."""
+        try:
+            with terminate_raises():
+                return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume and (self.out_dir / "metrics.jsonl").exists():
-                (self.out_dir / "metrics.jsonl").unlink()
+            self._tidy_out_dir()
         distrib.barrier(ctx)
         if cfg.resume:
             self.resume()
         if ctx.is_main:
             ckpt.write_json(self.out_dir / "run.json", {
+                "protocol": self.revision.name,
                 "train_config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
                 "corpus": self.corpus, "world_size": ctx.world_size,
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation})
@@ -505,6 +659,42 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
+        try:
+            evals = self._loop(bar, start_tokens, started)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.step == start_step:  # resumed a finished run: still report where it is
+            evals = self.evaluate(with_score=True)
+        seconds = time.perf_counter() - started
+        speed = (self.tokens - start_tokens) / max(seconds, 1e-9)
+        weights = self.out_dir / "model.safetensors"
+        plot_path = None
+        plain = self._plain_model()
+        self._require_finite_weights(plain)
+        if ctx.is_main:
+            plain.save(weights)
+            records = read_metrics(self.log.path) if self.log.path.exists() else []
+            if cfg.plot:
+                plot_path = plot_losses(records, self.out_dir / "loss.png",
+                                        title=f"{cfg.config} model, sequences of "
+                                              f"{' then '.join(str(p.seq_len) for p in self.phases)}"
+                                              f" bytes")
+                if plot_path is None:
+                    print(MISSING_MATPLOTLIB, file=sys.stderr)
+            summary = {"step": self.step, "tokens_per_s": speed, "seconds": seconds,
+                       "protocol": self.revision.name, "score_seq_len": self.score_seq_len,
+                       "score_batch_size": cfg.score_batch_size,
+                       "score_sig_reg_slices": self.revision.sig_reg_slices, **evals}
+            ckpt.write_json(self.out_dir / "summary.json", summary)
+        distrib.barrier(ctx)
+        return TrainResult(self.out_dir, weights, self.log.path, plot_path, self.step,
+                           evals.get("val_ce"), evals.get("score"), self.score_seq_len,
+                           speed, seconds, self.revision.name)
+
+    def _loop(self, bar, start_tokens: int, started: float) -> dict[str, float]:
+        """The steps; returns the last evaluation."""
+        cfg, ctx = self.cfg, self.ctx
         last: dict[str, float] = {}
         evals: dict[str, float] = {}
         stopped_early = False
@@ -529,8 +719,9 @@ class Trainer:
                 scored = final or bool(cfg.score_every and self.step % cfg.score_every == 0)
                 evals = self.evaluate(with_score=scored)
                 if ctx.is_main:
+                    scored_under = {"protocol": self.revision.name} if "score" in evals else {}
                     self.log.write(kind="eval", step=self.step,
-                                   tokens=self.tokens, **evals)
+                                   tokens=self.tokens, **evals, **scored_under)
                     if bar is not None:
                         bar.write(f"step {self.step}: held-out CE {evals['val_ce']:.4f}"
                                   + "".join(f", at {k[len('val_ce_at_'):]} bytes {v:.4f}"
@@ -545,37 +736,7 @@ class Trainer:
                     bar.write(f"stopping at step {self.step}: --max-minutes "
                               f"{cfg.max_minutes} reached")
                 break
-        if bar is not None:
-            bar.close()
-        if self.step == start_step:  # resumed a finished run: still report where it is
-            evals = self.evaluate(with_score=True)
-        seconds = time.perf_counter() - started
-        speed = (self.tokens - start_tokens) / max(seconds, 1e-9)
-        weights = self.out_dir / "model.safetensors"
-        plot_path = None
-        plain = self._plain_model()
-        if ctx.is_main:
-            plain.save(weights)
-            records = read_metrics(self.log.path) if self.log.path.exists() else []
-            if cfg.plot:
-                plot_path = plot_losses(records, self.out_dir / "loss.png",
-                                        title=f"{cfg.config} model, sequences of "
-                                              f"{' then '.join(str(p.seq_len) for p in self.phases)}"
-                                              f" bytes")
-                if plot_path is None:
-                    print(MISSING_MATPLOTLIB, file=sys.stderr)
-            summary = {"step": self.step, "tokens_per_s": speed, "seconds": seconds,
-                       "score_seq_len": self.score_seq_len, **evals}
-            ckpt.write_json(self.out_dir / "summary.json", summary)
-        distrib.barrier(ctx)
-        return TrainResult(self.out_dir, weights, self.log.path, plot_path, self.step,
-                           evals.get("val_ce"), evals.get("score"), self.score_seq_len,
-                           speed, seconds)
-
-
-def _plain(value):
-    """NumPy scalars -> Python scalars for JSON."""
-    return value.item() if hasattr(value, "item") else value
+        return evals
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -591,4 +752,5 @@ def describe(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=1)
 
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "train"]
+__all__ = ["NonFiniteError", "TrainConfig", "TrainConfigError", "TrainError", "TrainResult",
+           "Trainer", "train"]

@@ -1,4 +1,4 @@
-"""V1 constants and the two small configuration dataclasses.
+"""V1 constants and the configuration dataclasses.
 
 Every number here is part of the on-chain contract (SPEC §1). The ones that differ between
 the two revisions of V1 (layers, sequence length, batch size, SIGReg slices) follow the
@@ -127,6 +127,116 @@ class SIGRegConfig:
         revision = resolve(protocol)
         return cls(t_max=revision.sig_reg_t_max, points=revision.sig_reg_points,
                    slices=revision.sig_reg_slices, coefficient=revision.sig_reg_coefficient)
+
+
+def _check_block(config: Any) -> None:
+    """Checks shared by the per-part configs (the fields each one has)."""
+    for name in ("embedding_dim", "pwff_hidden_dim", "num_layers", "num_heads"):
+        if hasattr(config, name):
+            _require_positive(name, getattr(config, name))
+    if not 0.0 <= float(config.dropout_rate) < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {config.dropout_rate!r}")
+    if hasattr(config, "num_heads"):
+        if config.embedding_dim % config.num_heads:
+            raise ValueError(f"num_heads ({config.num_heads}) must divide embedding_dim "
+                             f"({config.embedding_dim})")
+        if (config.embedding_dim // config.num_heads) % 2:
+            raise ValueError(f"head_dim = embedding_dim / num_heads must be even for RoPE, "
+                             f"got {config.embedding_dim // config.num_heads}")
+        if not float(config.max_wavelength) > 0.0:
+            raise ValueError(f"max_wavelength must be > 0, got {config.max_wavelength!r}")
+        if not float(config.scale_factor) >= 1.0:
+            raise ValueError(f"scale_factor must be >= 1.0, got {config.scale_factor!r}")
+
+
+# Per-part configs, as the published soma-models 0.1.x has them (same fields, same order,
+# so positional calls carry over). Every module also accepts a `ModelConfig`, which has
+# all of these fields; `dropout_rate` defaults to 0.0 here as in `ModelConfig`.
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyperparameters of the `Encoder` (the stack of layers)."""
+
+    dropout_rate: float = 0.0
+    embedding_dim: int = V1_EMBEDDING_DIM
+    pwff_hidden_dim: int = V1_PWFF_HIDDEN_DIM
+    num_layers: int = V1_NUM_LAYERS
+    num_heads: int = V1_NUM_HEADS
+    max_wavelength: float = V1_MAX_WAVELENGTH
+    scale_factor: float = V1_SCALE_FACTOR
+
+    def __post_init__(self) -> None:
+        _check_block(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Hyperparameters of one `Layer` (pre-norm attention + feed-forward block)."""
+
+    dropout_rate: float = 0.0
+    embedding_dim: int = V1_EMBEDDING_DIM
+    pwff_hidden_dim: int = V1_PWFF_HIDDEN_DIM
+    num_heads: int = V1_NUM_HEADS
+    max_wavelength: float = V1_MAX_WAVELENGTH
+    scale_factor: float = V1_SCALE_FACTOR
+
+    def __post_init__(self) -> None:
+        _check_block(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class PositionWiseFeedForwardConfig:
+    """Hyperparameters of the `PositionWiseFeedForward` block."""
+
+    dropout_rate: float = 0.0
+    embedding_dim: int = V1_EMBEDDING_DIM
+    pwff_hidden_dim: int = V1_PWFF_HIDDEN_DIM
+
+    def __post_init__(self) -> None:
+        _check_block(self)
+
+
+def attention_settings(
+    num_heads: Any, num_features: int | None, dropout_rate: float | None,
+    max_wavelength: float | None, scale_factor: float | None,
+) -> tuple[int, int, tuple[float, float, float]]:
+    """`(heads, features, (max_wavelength, scale_factor, dropout_rate))` of an attention.
+
+    Either form of the `MultiHeadAttention` constructor: ours, `(config)`, where keywords
+    given explicitly override the config's; or the published `(num_heads, num_features,
+    *, dropout_rate=0.0, max_wavelength=10000.0, scale_factor=1.0)`.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        config = num_heads
+        if num_features is not None:
+            raise TypeError("MultiHeadAttention(config) takes no num_features: the config "
+                            "gives embedding_dim")
+        heads, features = config.num_heads, config.embedding_dim
+        defaults = (config.max_wavelength, config.scale_factor, config.dropout_rate)
+    else:
+        if num_features is None:
+            raise TypeError("MultiHeadAttention(num_heads, num_features): num_features missing")
+        heads, features = num_heads, num_features
+        defaults = (V1_MAX_WAVELENGTH, V1_SCALE_FACTOR, 0.0)
+    _require_positive("num_heads", heads)
+    _require_positive("num_features", features)
+    if features % heads or (features // heads) % 2:
+        raise ValueError(f"num_features ({features}) must be num_heads ({heads}) x an even "
+                         f"head size (RoPE rotates pairs)")
+    given = (max_wavelength, scale_factor, dropout_rate)
+    wavelength, scale, rate = (float(d if g is None else g) for g, d in zip(given, defaults))
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate!r}")
+    return heads, features, (wavelength, scale, rate)
 
 
 #: Named presets for `init`, the trainer and tests. "v1" is the on-chain architecture of

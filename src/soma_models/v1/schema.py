@@ -155,10 +155,16 @@ def check_tensors(
     does not map make it reject the file. Expected keys of another mapped dtype are
     converted (listed in `converted`). Extra keys are only warnings: the runtime ignores them.
     """
+    return check_shapes(found, expected_shapes(config))
+
+
+def check_shapes(
+    found: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]]
+) -> SchemaCheck:
+    """`check_tensors` against any `{key: shape}` (e.g. one block's canonical tensors)."""
     errors: list[str] = []
     warnings: list[str] = []
     converted: dict[str, str] = {}
-    expected = expected_shapes(config)
     missing = [k for k in expected if k not in found]
     if missing:
         errors.append(f"{len(missing)} missing key(s): {_listing(missing)}")

@@ -7,17 +7,27 @@ position repeats the offset just past the data (it does not keep counting). Targ
 each row's token_ids shifted left by one with PAD as the last target. Consecutive chunks
 are grouped into batches of `batch_size`; the last batch may be smaller.
 
-Two forms:
+Three forms:
 
 * `tokenize(data)` -> list of `Batch` with nested Python lists (the product page's API);
+* `tokenize_sequences(data)` -> list of `TokenizedSequence`, one per chunk (the form of
+  the published soma-models 0.1.7, whose `tokenize` returned it);
 * `iter_batches(data)` -> lazy iterator of `ArrayBatch` with NumPy arrays, which never
   builds Python lists and holds one batch at a time (use it for large data).
+
+`write_rows` is the contract itself, written once: `iter_batches` and the trainer's
+chunk table (`soma_models.train.data.ChunkTable`) both build their rows with it.
+
+`tokenize` and `tokenize_sequences` return `[]` for empty data, as the published package
+does; `iter_batches`, and so scoring, refuses it, as the runtime does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,18 +50,33 @@ class Batch:
     pos_ids: list[list[int]]
 
 
+#: The published soma-models 0.1.1's name for `Batch`.
+ByteSequenceBatch = Batch
+
+
+class TokenizedSequence(NamedTuple):
+    """One chunk (one row of a batch) as lists, each `[seq_len]`; unpacks as a tuple."""
+
+    token_ids: list[int]
+    targets: list[int]
+    pos_ids: list[int]
+
+
 @dataclass(frozen=True)
 class ArrayBatch:
-    """One batch as NumPy arrays, each `[batch, seq_len]`.
+    """One batch as NumPy arrays, each `[batch, seq_len]`: the form every array consumer
+    (scoring, training, both frameworks) takes.
 
     `token_ids` and `targets` are int32 (ids < 264), `pos_ids` int64 (global offsets can
-    exceed 2**31 for large data). `start_chunk` is the index of the batch's first chunk.
+    exceed 2**31 for large data). `start_chunk` is the index of the batch's first chunk
+    when its rows are consecutive chunks of one stream (`iter_batches`), else None (rows
+    picked from several documents, as the trainer's chunk table does).
     """
 
     token_ids: np.ndarray
     targets: np.ndarray
     pos_ids: np.ndarray
-    start_chunk: int
+    start_chunk: int | None = None
 
     def to_batch(self) -> Batch:
         return Batch(self.token_ids.tolist(), self.targets.tolist(), self.pos_ids.tolist())
@@ -94,7 +119,7 @@ def num_batches(num_bytes: int, max_seq_len: int = V1_MAX_SEQ_LEN,
     return -(-num_chunks(num_bytes, max_seq_len) // batch_size)
 
 
-def _allocate(rows: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def allocate_rows(rows: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """token_ids, targets (int32) and pos_ids (int64) `[rows, seq]` in one allocation.
 
     One block of several MB per batch lets the allocator hand out huge pages; three
@@ -109,6 +134,49 @@ def _allocate(rows: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tokens, targets, pos
 
 
+@lru_cache(maxsize=16)
+def _relative_offsets(rows: int, seq: int) -> np.ndarray:
+    """Offsets of every position of `rows` consecutive chunks from their first byte."""
+    out = np.arange(rows * seq, dtype=np.int64).reshape(rows, seq)
+    out.setflags(write=False)
+    return out
+
+
+def write_rows(flat: np.ndarray, first_chunk: int, tokens: np.ndarray, targets: np.ndarray,
+               pos: np.ndarray, pos_offset: int = 0) -> None:
+    """The data contract, once: fill `tokens`, `targets`, `pos` `[rows, seq]` (C-contiguous)
+    with chunks `first_chunk .. first_chunk + rows - 1` of the bytes `flat` (uint8).
+
+    Bytes, then EOS only after a short final chunk, then PAD; positions are global
+    offsets (plus `pos_offset`), every EOS/PAD position clamped to the offset just past
+    the data; targets are each row shifted left with PAD last. The chunks must exist
+    (the last may be short).
+    """
+    rows, seq = tokens.shape
+    for array in (tokens, targets, pos):
+        if not array.flags.c_contiguous:
+            raise ValueError("write_rows needs C-contiguous output arrays")
+    n = len(flat)
+    start = first_chunk * seq
+    stop = min(n, start + rows * seq)
+    tail = stop - (first_chunk + rows - 1) * seq  # bytes in the last row
+    if start >= n or tail <= 0:
+        raise IndexError(f"chunks {first_chunk}..{first_chunk + rows - 1} of {seq} bytes are "
+                         f"past the end of {n} bytes")
+    np.add(_relative_offsets(rows, seq), pos_offset + start, out=pos)
+    tokens.reshape(-1)[: stop - start] = flat[start:stop]
+    if tail < seq:
+        # Final short chunk: EOS right after the data, PAD after that, and every
+        # EOS/PAD position clamped to the offset just past the data.
+        tokens[-1, tail] = V1_EOS_TOKEN_ID
+        tokens[-1, tail + 1 :] = V1_PAD_TOKEN_ID
+        pos[-1, tail:] = pos_offset + stop
+    # Shift the whole block left as one flat copy (much faster than row by row), then
+    # overwrite each row's last target, which must be PAD, not the next row's.
+    targets.reshape(-1)[:-1] = tokens.reshape(-1)[1:]
+    targets[:, -1] = V1_PAD_TOKEN_ID
+
+
 def iter_batches(
     data: BytesLike,
     max_seq_len: int = V1_MAX_SEQ_LEN,
@@ -116,7 +184,7 @@ def iter_batches(
     *,
     pos_offset: int = 0,
 ) -> Iterator[ArrayBatch]:
-    """Lazily yield the contract's batches as NumPy arrays.
+    """Lazily yield the contract's batches as NumPy arrays (`write_rows` builds them).
 
     `pos_offset` shifts every position (training on a slice of a larger stream that
     should see the stream's global offsets); scoring uses 0.
@@ -129,26 +197,10 @@ def iter_batches(
         raise ValueError("data is empty: the runtime refuses it ('data loader produced no batches')")
     flat = np.frombuffer(view, dtype=np.uint8)
     total_chunks = num_chunks(n, max_seq_len)
-    # Offsets of every position of a full batch, relative to the batch's first byte.
-    relative = np.arange(batch_size * max_seq_len, dtype=np.int64).reshape(batch_size, max_seq_len)
     for first in range(0, total_chunks, batch_size):
         rows = min(batch_size, total_chunks - first)
-        start = first * max_seq_len
-        stop = min(n, start + rows * max_seq_len)
-        tokens, targets, pos = _allocate(rows, max_seq_len)
-        np.add(relative[:rows], pos_offset + start, out=pos)
-        tail = stop - (first + rows - 1) * max_seq_len  # bytes in this batch's last row
-        tokens.reshape(-1)[: stop - start] = flat[start:stop]
-        if tail < max_seq_len:
-            # Final short chunk: EOS right after the data, PAD after that, and every
-            # EOS/PAD position clamped to the offset just past the data.
-            tokens[-1, tail] = V1_EOS_TOKEN_ID
-            tokens[-1, tail + 1 :] = V1_PAD_TOKEN_ID
-            pos[-1, tail:] = pos_offset + stop
-        # Shift the whole batch left as one flat copy (much faster than row by row),
-        # then overwrite each row's last target, which must be PAD, not the next row's.
-        targets.reshape(-1)[:-1] = tokens.reshape(-1)[1:]
-        targets[:, -1] = V1_PAD_TOKEN_ID
+        tokens, targets, pos = allocate_rows(rows, max_seq_len)
+        write_rows(flat, first, tokens, targets, pos, pos_offset)
         yield ArrayBatch(tokens, targets, pos, first)
 
 
@@ -157,5 +209,26 @@ def tokenize(
     max_seq_len: int = V1_MAX_SEQ_LEN,
     batch_size: int = V1_BATCH_SIZE,
 ) -> list[Batch]:
-    """Apply the data contract and return every batch as nested lists."""
+    """Apply the data contract and return every batch as nested lists (`[]` if empty)."""
+    if len(_as_byte_view(data)) == 0:
+        _check_sizes(max_seq_len, batch_size)
+        return []
     return [b.to_batch() for b in iter_batches(data, max_seq_len, batch_size)]
+
+
+def tokenize_sequences(
+    data: BytesLike, max_seq_len: int = V1_MAX_SEQ_LEN
+) -> list[TokenizedSequence]:
+    """Apply the data contract and return every chunk as a `TokenizedSequence` (`[]` if empty).
+
+    The same rows as `tokenize`, not grouped into batches: what the published 0.1.7's
+    `tokenize(data, max_seq_len)` returned, so code written for it needs one change,
+    `tokenize(...)` -> `tokenize_sequences(...)`.
+    """
+    if len(_as_byte_view(data)) == 0:
+        _check_sizes(max_seq_len, 1)
+        return []
+    return [TokenizedSequence(*rows)
+            for batch in iter_batches(data, max_seq_len)
+            for rows in zip(batch.token_ids.tolist(), batch.targets.tolist(),
+                            batch.pos_ids.tolist())]

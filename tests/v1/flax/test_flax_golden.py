@@ -17,9 +17,9 @@ from tests.golden import assert_matches_golden, build, case_id, cases, params
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.flax.modules.attention import MultiHeadAttention, apply_rope
 from soma_models.v1.flax.modules.layer import layer_norm
+from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.flax.modules.sig_reg import SIGReg
-from soma_models.v1.flax.serde import from_arrays
 from soma_models.v1.schema import param_specs
 
 
@@ -46,7 +46,7 @@ def _model_config(cfg: dict) -> ModelConfig:
 def _model_with(arrays: dict[str, np.ndarray], config: ModelConfig):
     """A full model whose canonical tensors come from `arrays`; absent ones are zeros."""
     full = {s.key: arrays.get(s.key, np.zeros(s.shape, np.float32)) for s in param_specs(config)}
-    model = from_arrays(full, config)
+    model = Model.from_arrays(full, config)
     model.eval()
     return model
 

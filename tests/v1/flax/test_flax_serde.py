@@ -15,7 +15,7 @@ from soma_models.errors import WeightsError, WeightsFormatError
 from soma_models.safetensors_io import SafetensorsFile, save_file
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.flax.modules.model import Model
-from soma_models.v1.flax.serde import canonical_arrays, flax_variable, from_arrays
+from soma_models.v1.flax.serde import canonical_arrays, flax_variable
 from soma_models.v1.schema import (
     ARCHITECTURE_VERSION,
     METADATA_HEADS_KEY,
@@ -99,11 +99,11 @@ def test_heads_come_from_metadata_or_the_explicit_config(tmp_path: Path) -> None
     config = ModelConfig(embedding_dim=16, pwff_hidden_dim=8, num_layers=1, num_heads=2)
     rng = np.random.default_rng(1)
     arrays = {s.key: rng.standard_normal(s.shape).astype(np.float32) for s in param_specs(config)}
-    from_arrays(arrays, num_heads=2).save(tmp_path / "w.safetensors")
+    Model.from_arrays(arrays, num_heads=2).save(tmp_path / "w.safetensors")
     assert Model.load(tmp_path / "w.safetensors").config == config
-    assert from_arrays(arrays, num_heads=2).config == config
-    assert from_arrays(arrays).config.num_heads == 8  # without metadata: V1's heads
-    assert from_arrays(arrays, config).config == config
+    assert Model.from_arrays(arrays, num_heads=2).config == config
+    assert Model.from_arrays(arrays).config.num_heads == 8  # without metadata: V1's heads
+    assert Model.from_arrays(arrays, config).config == config
 
 
 def test_dropout_model_loads_with_working_rngs(model: Model) -> None:
@@ -141,7 +141,7 @@ def test_missing_misshaped_and_wrong_dtype_are_all_listed(model: Model, tmp_path
     assert "embedding.weight (U16)" in message and "does not map" in message
     assert len(info.value.problems) == 3
     with pytest.raises(WeightsError, match="2 missing key"):
-        from_arrays(arrays, CONFIG)
+        Model.from_arrays(arrays, CONFIG)
 
 
 def test_incomplete_file_without_config(model: Model, tmp_path: Path) -> None:

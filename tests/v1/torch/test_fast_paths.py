@@ -339,15 +339,33 @@ def test_train_step_updates_weights_and_accepts_array_batches() -> None:
     assert not torch.equal(before, model.predictor.weight)
 
 
-def test_bf16_autocast_is_refused_on_cpu() -> None:
+def test_bf16_autocast_runs_on_cpu_with_float32_loss_terms() -> None:
+    # The one bf16 policy (train_step.check_bf16_autocast): CPU autocast is allowed, the
+    # loss stays float32 and near the float32 step's.
     from soma_models.v1.torch.modules.sig_reg import SIGReg
     from soma_models.v1.torch.train_step import make_optimizer, train_step
 
+    torch.manual_seed(0)
     model = Model(ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2))
-    batch = (torch.zeros(1, 8, dtype=torch.long),) * 2 + (torch.arange(8)[None],)
-    with pytest.raises(ValueError, match="only supported on CUDA"):
-        train_step(model, SIGReg(SIGRegConfig(slices=8)), make_optimizer(model), batch,
-                   autocast_bf16=True)
+    reference = Model(model.config)
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 256, (2, 16))
+    batch = (tokens, torch.roll(tokens, -1, 1), torch.arange(16).expand(2, 16))
+    noise = torch.randn(32, 8)
+    sig_reg = SIGReg(SIGRegConfig(slices=8))
+    low = train_step(model, sig_reg, make_optimizer(model), batch, noise=noise,
+                     autocast_bf16=True)
+    full = train_step(reference, sig_reg, make_optimizer(reference), batch, noise=noise)
+    assert math.isfinite(low.loss)
+    assert low.loss == pytest.approx(full.loss, rel=2e-2)
+
+
+def test_bf16_autocast_is_refused_on_devices_without_bf16() -> None:
+    from soma_models.v1.torch.train_step import check_bf16_autocast
+
+    check_bf16_autocast(torch.device("cpu"))
+    with pytest.raises(ValueError, match="bf16 autocast is supported on CUDA and CPU"):
+        check_bf16_autocast(torch.device("meta"))
 
 
 def test_make_optimizer_decays_matrices_only() -> None:

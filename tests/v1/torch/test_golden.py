@@ -14,9 +14,9 @@ from tests.golden import assert_matches_golden, build, case_id, cases, params
 
 from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig, SIGRegConfig
 from soma_models.v1.torch.modules.attention import MultiHeadAttention, apply_rope
+from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.torch.modules.sig_reg import SIGReg
-from soma_models.v1.torch.serde import from_arrays
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray) -> torch.nn.Linear:
@@ -93,7 +93,7 @@ def _model_with(arrays: dict[str, np.ndarray], config: ModelConfig):
     from soma_models.v1.schema import param_specs
 
     full = {s.key: arrays.get(s.key, np.zeros(s.shape, np.float32)) for s in param_specs(config)}
-    return from_arrays(full, config).eval()
+    return Model.from_arrays(full, config).eval()
 
 
 @pytest.mark.parametrize("case", cases(), ids=case_id)

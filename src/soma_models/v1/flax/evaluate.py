@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
-from soma_models.v1.flax import serde
 from soma_models.v1.flax.loss import cross_entropy_sum
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import sig_reg_statistic
@@ -65,9 +64,9 @@ class FlaxBackend:
                 raise ValueError("model_config differs from the loaded model's config")
             model = source
         elif isinstance(source, dict):
-            model = serde.from_arrays(source, model_config)
+            model = Model.from_arrays(source, model_config)
         else:
-            model = serde.load(source, model_config)  # type: ignore[arg-type]
+            model = Model.load(source, model_config)  # type: ignore[arg-type]
         return cls(model, sig_reg_config)
 
     def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soma_models.v1.aliases import pick
 from soma_models.v1.configs import V1_PAD_TOKEN_ID
 from soma_models.v1.flax.modules.model import Model
 from soma_models.v1.flax.modules.sig_reg import SIGReg
@@ -25,10 +26,13 @@ def compute_loss(
     targets: jax.Array | np.ndarray,
     pos_ids: jax.Array | np.ndarray | None = None,
     noise: jax.Array | np.ndarray | None = None,
+    *,
+    positions: jax.Array | np.ndarray | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable on-chain loss of one batch, and its embedding.
 
-    token_ids, targets, pos_ids: `[B, S]`; `pos_ids=None` means `0..S-1` on every row.
+    token_ids, targets, pos_ids (alias `positions`): `[B, S]`, any integer dtype;
+    `pos_ids=None` means `0..S-1` on every row.
     noise: `[D, slices]` (None draws it from `sig_reg`'s rngs).
     Returns `(loss, embedding)`: a scalar, and `[D]` = mean over sequence, then batch,
     of the representations (PAD/EOS positions included, as on chain).
@@ -46,6 +50,10 @@ def compute_loss(
     if token_ids.shape != targets.shape or token_ids.ndim != 2:
         raise ValueError(f"token_ids and targets must both be [batch, seq_len], got "
                          f"{list(token_ids.shape)} and {list(targets.shape)}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+    targets = targets.astype(jnp.int32)  # any integer dtype; uint8 cannot be compared to PAD
+    pos_ids = pick("compute_loss", "pos_ids", pos_ids, "positions", positions)
     representations = model.encode(token_ids, pos_ids)
     logits = model.predict(representations)
     cross_entropy = cross_entropy_sum(logits, targets) / targets.size

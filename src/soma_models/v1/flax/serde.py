@@ -9,25 +9,37 @@ in Flax (`[D, H, hd]`, output `[H, hd, D]`): a row-major reshape maps them to th
 
 Loading builds the model abstractly (`nnx.eval_shape`, no random init of a model that
 is about to be overwritten) and fills every parameter from the file.
+
+This module sits below the model: `Model` inherits `Serializable` from here, and nothing
+here imports the model (functions that build one take its class, `model_cls`).
+
+Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
+deserialize any of our modules in place), `remap`, `flatten_dict` and `unflatten_dict`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from soma_models.safetensors_io import save_file
+from soma_models.errors import WeightsError
+from soma_models.safetensors_io import SafetensorsFile, save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
+from soma_models.utils.dict import flatten_dict, unflatten_dict
+from soma_models.utils.remap import remap
 from soma_models.v1.configs import ModelConfig
+from soma_models.v1.flax.modules.attention import MultiHeadAttention
 from soma_models.v1.schema import (
     ParamSpec,
+    check_shapes,
     checked_arrays,
     file_metadata,
     param_specs,
@@ -36,6 +48,9 @@ from soma_models.v1.schema import (
 
 if TYPE_CHECKING:
     from soma_models.v1.flax.modules.model import Model
+
+__all__ = ["Serde", "Serializable", "canonical_arrays", "flatten_dict", "flax_variable",
+           "from_arrays", "load", "remap", "save", "to_bytes", "unflatten_dict"]
 
 _FLAX_LEAF = {"embedding": "embedding", "linear_weight": "kernel", "linear_bias": "bias",
               "norm_gamma": "scale", "norm_beta": "bias"}
@@ -73,8 +88,6 @@ def to_bytes(model: Model, *, protocol: str | None = None) -> bytes:
 
 def _reseed_dropout(model: Model, rngs: nnx.Rngs) -> None:
     """Give every dropout stream of an abstract model real RNG state from `rngs`."""
-    from soma_models.v1.flax.modules.attention import MultiHeadAttention
-
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Dropout) and module.rngs is not None:
             module.rngs = rngs[module.rng_collection].fork()
@@ -83,11 +96,12 @@ def _reseed_dropout(model: Model, rngs: nnx.Rngs) -> None:
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None, *,
-                source: str = "<arrays>", rngs: nnx.Rngs | None = None,
-                model_cls: type[Model] | None = None, num_heads: int | None = None) -> Model:
-    """Build a `Model` from canonical arrays, checking every key and shape first."""
-    if model_cls is None:
-        from soma_models.v1.flax.modules.model import Model as model_cls
+                model_cls: type[Model], source: str = "<arrays>", rngs: nnx.Rngs | None = None,
+                num_heads: int | None = None) -> Model:
+    """Build a `model_cls` from canonical arrays, checking every key and shape first.
+
+    (`Model.from_arrays(arrays, config)` supplies `model_cls`.)
+    """
     config, arrays = checked_arrays(arrays, config, source=source, num_heads=num_heads)
     model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     for spec in param_specs(config):
@@ -99,10 +113,135 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
 
 
 def load(source: str | os.PathLike | bytes | bytearray | memoryview,
-         config: ModelConfig | None = None, *, rngs: nnx.Rngs | None = None,
-         model_cls: type[Model] | None = None) -> Model:
-    """Load canonical weights from a path or bytes. Every problem is listed in one error."""
+         config: ModelConfig | None = None, rngs: nnx.Rngs | None = None, *,
+         model_cls: type[Model]) -> Model:
+    """Load canonical weights from a path or bytes. Every problem is listed in one error.
+
+    (`Model.load(path, config)` supplies `model_cls`.)
+    """
     config, arrays, name = read_weights(source, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read_weights has reported any unused keys
         return from_arrays(arrays, config, source=name, rngs=rngs, model_cls=model_cls)
+
+
+class Serializable:
+    """Canonical-safetensors methods of `Model` (the published package's mixin, same names).
+
+    `load(filename, config=None, rngs=None)`: `config=None` infers the sizes from the file
+    (heads from its metadata, else V1's 8); `rngs` seeds dropout (default `nnx.Rngs(0)`).
+    """
+
+    config: ModelConfig
+
+    def save(self, filename: str | os.PathLike) -> None:
+        """Write canonical weights to `filename` atomically."""
+        save(self, filename)  # type: ignore[arg-type]
+
+    def save_bytes(self) -> bytes:
+        """Canonical weights as safetensors bytes."""
+        return to_bytes(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, filename: str | os.PathLike, config: ModelConfig | None = None,
+             rngs: nnx.Rngs | None = None) -> Self:
+        """A model with the weights of file `filename`."""
+        return load(filename, config, rngs, model_cls=cls)  # type: ignore[return-value]
+
+    @classmethod
+    def load_bytes(cls, data: bytes | bytearray | memoryview, config: ModelConfig | None = None,
+                   rngs: nnx.Rngs | None = None) -> Self:
+        """A model with the weights of safetensors `data`."""
+        return load(data, config, rngs, model_cls=cls)  # type: ignore[return-value]
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None,
+                    *, source: str = "<arrays>", rngs: nnx.Rngs | None = None,
+                    num_heads: int | None = None) -> Self:
+        """A model with canonical arrays `{key: [in, out] float32}` as its weights."""
+        return from_arrays(arrays, config, model_cls=cls, source=source,  # type: ignore[return-value]
+                           rngs=rngs, num_heads=num_heads)
+
+
+# --- any module: Serde ---------------------------------------------------------------
+
+
+def _canonical_variables(module: nnx.Module) -> dict[str, tuple[nnx.Param, tuple[int, ...]]]:
+    """`{canonical key: (variable, canonical shape)}` of any module built from our blocks.
+
+    The canonical names follow the module tree (SPEC §4): LayerNorm scale/bias are
+    `gamma`/`beta`, kernels are `weight` flattened to `[in, out]`, embeddings `weight`.
+    For a whole `Model` this is exactly the schema's key list.
+    """
+    out: dict[str, tuple[nnx.Param, tuple[int, ...]]] = {}
+    for path, sub in nnx.iter_modules(module):
+        prefix = "".join(f"{part}." for part in path)
+        if isinstance(sub, nnx.LayerNorm):
+            out[prefix + "gamma"] = (sub.scale, tuple(sub.scale.shape))
+            out[prefix + "beta"] = (sub.bias, tuple(sub.bias.shape))
+        elif isinstance(sub, (nnx.Linear, nnx.LinearGeneral)):
+            fan_in = math.prod(sub.kernel.shape[: len(_as_tuple(sub.in_features))])
+            fan_out = math.prod(sub.kernel.shape) // fan_in
+            out[prefix + "weight"] = (sub.kernel, (fan_in, fan_out))
+            if sub.bias is not None:
+                out[prefix + "bias"] = (sub.bias, (fan_out,))
+        elif isinstance(sub, nnx.Embed):
+            out[prefix + "weight"] = (sub.embedding, tuple(sub.embedding.shape))
+    return out
+
+
+def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
+    return features if isinstance(features, tuple) else (features,)
+
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+class Serde(Generic[M]):
+    """Canonical safetensors for `module` (a `Model`, or any block of one: `Encoder`,
+    `Layer`, `MultiHeadAttention`, ...), keys relative to that module.
+
+    `deserialize` writes the file's tensors into `module` in place and returns it; every
+    missing key, shape or dtype problem is reported at once and nothing is written then.
+    """
+
+    def __init__(self, module: M):
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"Serde needs a flax.nnx.Module, got {type(module).__name__}")
+        self.module = module
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for key, (variable, shape) in _canonical_variables(self.module).items():
+            value = np.asarray(jax.device_get(variable.get_value()))
+            out[key] = value.astype(np.float32, copy=False).reshape(shape)
+        return out
+
+    def _metadata(self) -> dict[str, str] | None:
+        config = getattr(self.module, "config", None)
+        return file_metadata(config) if isinstance(config, ModelConfig) else None
+
+    def serialize(self) -> bytes:
+        return _to_bytes(self._arrays(), self._metadata())
+
+    def serialize_to_file(self, filename: str | os.PathLike) -> None:
+        save_file(filename, self._arrays(), self._metadata())
+
+    def deserialize(self, data: bytes | bytearray | memoryview) -> M:
+        return self._read(SafetensorsFile(data))
+
+    def deserialize_from_file(self, filename: str | os.PathLike) -> M:
+        return self._read(SafetensorsFile(filename))
+
+    def _read(self, weights: SafetensorsFile) -> M:
+        variables = _canonical_variables(self.module)
+        check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()},
+                             {key: shape for key, (_, shape) in variables.items()})
+        if not check.ok:
+            raise WeightsError(weights.name, check.errors)
+        for warning in check.warnings:
+            warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+        for key, (variable, _) in variables.items():
+            array = np.array(weights.array(key), dtype=np.float32).reshape(variable.shape)
+            variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))
+        return self.module

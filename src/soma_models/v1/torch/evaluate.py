@@ -16,7 +16,6 @@ import torch
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.scoring import PieceTerms
-from soma_models.v1.torch import serde
 from soma_models.v1.torch.loss import cross_entropy_sum
 from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.sig_reg import sig_reg_statistic
@@ -69,9 +68,9 @@ class TorchBackend:
                 raise ValueError("model_config differs from the loaded model's config")
             model = source if device is None else source.to(device)
         elif isinstance(source, dict):
-            model = serde.from_arrays(source, model_config, device=device)  # type: ignore[arg-type]
+            model = Model.from_arrays(source, model_config, device=device)  # type: ignore[arg-type]
         else:
-            model = serde.load(source, model_config, device=device)  # type: ignore[arg-type]
+            model = Model.load(source, model_config, device=device)  # type: ignore[arg-type]
         return cls(model, sig_reg_config)
 
     def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,

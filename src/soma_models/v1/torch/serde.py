@@ -1,26 +1,37 @@
-"""Canonical safetensors <-> PyTorch `Model` (SPEC §4).
+"""Canonical safetensors <-> PyTorch modules (SPEC §4).
 
 torch's `nn.Linear` stores `[out, in]`; the canonical layout is `[in, out]`, so linear
 weights are transposed both ways (as views: no copy of the model is made). LayerNorm's
 `weight`/`bias` are the file's `gamma`/`beta`. Loading builds the model on the meta
 device and adopts the file's tensors directly (a copy-on-write memory map), so a 6.4 GB
 V1 file is held in memory once.
+
+This module sits below the model: `Model` inherits `Serializable` from here, and nothing
+here imports the model (functions that build one take its class, `model_cls`).
+
+Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
+deserialize any of our modules in place), `load_safetensor_into` and `remap`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
-from soma_models.safetensors_io import save_file
+from soma_models.errors import WeightsError
+from soma_models.safetensors_io import SafetensorsFile, save_file
 from soma_models.safetensors_io import to_bytes as _to_bytes
+from soma_models.utils.remap import remap
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import (
     ParamSpec,
+    check_shapes,
     checked_arrays,
     file_metadata,
     param_specs,
@@ -29,6 +40,9 @@ from soma_models.v1.schema import (
 
 if TYPE_CHECKING:
     from soma_models.v1.torch.modules.model import Model
+
+__all__ = ["Serde", "Serializable", "canonical_arrays", "from_arrays", "load",
+           "load_safetensor_into", "remap", "save", "to_bytes", "torch_name"]
 
 _TORCH_SUFFIX = {"norm_gamma": "weight", "norm_beta": "bias"}
 
@@ -69,18 +83,19 @@ def _adopt(arr: np.ndarray) -> torch.Tensor:
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None, *,
-                source: str = "<arrays>", device: torch.device | str | None = None,
-                model_cls: type[Model] | None = None, num_heads: int | None = None) -> Model:
-    """Build a `Model` from canonical arrays, checking every key and shape first."""
+                model_cls: type[Model], source: str = "<arrays>",
+                device: torch.device | str | None = None, num_heads: int | None = None) -> Model:
+    """Build a `model_cls` from canonical arrays, checking every key and shape first.
+
+    (`Model.from_arrays(arrays, config)` supplies `model_cls`.)
+    """
     config, arrays = checked_arrays(arrays, config, source=source, num_heads=num_heads)
     return _build(arrays, config, device, model_cls)
 
 
 def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig,
-           device: torch.device | str | None, model_cls: type[Model] | None) -> Model:
+           device: torch.device | str | None, model_cls: type[Model]) -> Model:
     """Adopt already-checked canonical arrays as the parameters of a new model."""
-    if model_cls is None:
-        from soma_models.v1.torch.modules.model import Model as model_cls
     with torch.device("meta"):
         model = model_cls(config)
     state = {}
@@ -94,8 +109,137 @@ def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig,
 
 
 def load(source: str | os.PathLike | bytes | bytearray | memoryview,
-         config: ModelConfig | None = None, *, device: torch.device | str | None = None,
-         model_cls: type[Model] | None = None) -> Model:
-    """Load canonical weights from a path or bytes. Every problem is listed in one error."""
+         config: ModelConfig | None = None, *, model_cls: type[Model],
+         device: torch.device | str | None = None) -> Model:
+    """Load canonical weights from a path or bytes. Every problem is listed in one error.
+
+    (`Model.load(path, config)` supplies `model_cls`.)
+    """
     config, arrays, _ = read_weights(source, config)
     return _build(arrays, config, device, model_cls)
+
+
+class Serializable:
+    """Canonical-safetensors methods of `Model` (the published package's mixin, same names).
+
+    `load(filename, config=None, *, device=None)`: `config=None` infers the sizes from the
+    file (heads from its metadata, else V1's 8).
+    """
+
+    config: ModelConfig
+
+    def save(self, filename: str | os.PathLike) -> None:
+        """Write canonical weights to `filename` atomically."""
+        save(self, filename)  # type: ignore[arg-type]
+
+    def save_bytes(self) -> bytes:
+        """Canonical weights as safetensors bytes."""
+        return to_bytes(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, filename: str | os.PathLike, config: ModelConfig | None = None, *,
+             device: torch.device | str | None = None) -> Self:
+        """A model with the weights of file `filename`."""
+        return load(filename, config, model_cls=cls, device=device)  # type: ignore[return-value]
+
+    @classmethod
+    def load_bytes(cls, data: bytes | bytearray | memoryview, config: ModelConfig | None = None,
+                   *, device: torch.device | str | None = None) -> Self:
+        """A model with the weights of safetensors `data`."""
+        return load(data, config, model_cls=cls, device=device)  # type: ignore[return-value]
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None,
+                    *, source: str = "<arrays>", device: torch.device | str | None = None,
+                    num_heads: int | None = None) -> Self:
+        """A model with canonical arrays `{key: [in, out] float32}` as its weights."""
+        return from_arrays(arrays, config, model_cls=cls, source=source,  # type: ignore[return-value]
+                           device=device, num_heads=num_heads)
+
+
+# --- any module: Serde and load_safetensor_into --------------------------------------
+
+
+def _canonical_names(module: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
+    """`{canonical key: (parameter, transposed?)}` of any module built from our blocks.
+
+    The canonical names follow the module tree (SPEC §4): LayerNorm weight/bias are
+    `gamma`/`beta`, linear weights are stored `[in, out]`. For a whole `Model` this is
+    exactly the schema's key list.
+    """
+    names: dict[str, tuple[torch.Tensor, bool]] = {}
+    for path, sub in module.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(sub, nn.LayerNorm):
+            names[prefix + "gamma"] = (sub.weight, False)
+            names[prefix + "beta"] = (sub.bias, False)
+        elif isinstance(sub, nn.Linear):
+            names[prefix + "weight"] = (sub.weight, True)
+            if sub.bias is not None:
+                names[prefix + "bias"] = (sub.bias, False)
+        elif isinstance(sub, nn.Embedding):
+            names[prefix + "weight"] = (sub.weight, False)
+    return names
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class Serde(Generic[M]):
+    """Canonical safetensors for `module` (a `Model`, or any block of one: `Encoder`,
+    `Layer`, `MultiHeadAttention`, ...), keys relative to that module.
+
+    `deserialize` writes the file's tensors into `module` in place and returns it; every
+    missing key, shape or dtype problem is reported at once and nothing is written then.
+    """
+
+    def __init__(self, module: M):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"Serde needs a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if isinstance(getattr(self.module, "config", None), ModelConfig) and hasattr(
+                self.module, "encoder"):
+            return canonical_arrays(self.module)  # type: ignore[arg-type]
+        out = {}
+        for key, (param, transposed) in _canonical_names(self.module).items():
+            arr = param.detach().to("cpu", torch.float32).numpy()
+            out[key] = arr.T if transposed else arr
+        return out
+
+    def _metadata(self) -> dict[str, str] | None:
+        config = getattr(self.module, "config", None)
+        return file_metadata(config) if isinstance(config, ModelConfig) else None
+
+    def serialize(self) -> bytes:
+        return _to_bytes(self._arrays(), self._metadata())
+
+    def serialize_to_file(self, filename: str | os.PathLike) -> None:
+        save_file(filename, self._arrays(), self._metadata())
+
+    def deserialize(self, data: bytes | bytearray | memoryview) -> M:
+        return self._read(SafetensorsFile(data))
+
+    def deserialize_from_file(self, filename: str | os.PathLike) -> M:
+        return self._read(SafetensorsFile(filename))
+
+    def _read(self, weights: SafetensorsFile) -> M:
+        names = _canonical_names(self.module)
+        expected = {key: tuple(p.T.shape if t else p.shape) for key, (p, t) in names.items()}
+        check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()},
+                             expected)
+        if not check.ok:
+            raise WeightsError(weights.name, check.errors)
+        for warning in check.warnings:
+            warnings.warn(f"{weights.name}: {warning}", stacklevel=3)
+        with torch.no_grad():
+            for key, (param, transposed) in names.items():
+                value = torch.from_numpy(np.array(weights.array(key)))
+                param.copy_(value.T if transposed else value)
+        return self.module
+
+
+def load_safetensor_into(module: nn.Module, data: bytes | bytearray | memoryview) -> None:
+    """Write canonical safetensors `data` into `module`'s parameters (in place)."""
+    Serde(module).deserialize(data)

@@ -1,26 +1,30 @@
-"""Fast training-step helpers: optimizer, speed options, and one step of the on-chain loss.
+"""The torch training step: optimizer, speed options, and one step of the on-chain loss.
+
+`soma-models train` (`soma_models.train.trainer`) runs exactly these functions; a script
+that trains on its own uses `train_step`:
 
     model = Model(preset("medium"))
     optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.1)
     prepare_model(model, activation_checkpointing=False, compile=False)
     result = train_step(model, SIGReg(), optimizer, (token_ids, targets, pos_ids))
 
-What makes it fast (each measured in benchmarks/bench.py):
+A step is `backward` (forward, the on-chain loss of `soma_models.v1.torch.loss`, and its
+gradient; once per micro-batch when gradients are accumulated) then `apply_update`
+(clip, AdamW).
+
+What makes it fast (measured in benchmarks/bench.py):
 * attention runs PyTorch's flash kernel (memory linear in the sequence length), with
   the runtime's -1e4 fill kept exact (see modules/attention.py);
 * SIGReg is chunked with a hand-written backward (modules/sig_reg.py);
 * AdamW is the fused kernel where PyTorch has one for the parameters' device (CPU and
   CUDA in recent PyTorch), else the multi-tensor `foreach` one;
-* optional: bfloat16 autocast with float32 master weights (CUDA only), activation
-  checkpointing (recompute each block in the backward pass), `torch.compile`.
-
-The loss is exactly `soma_models.v1.torch.loss.compute_loss`'s: cross-entropy summed over
-non-PAD targets divided by every position, plus `coefficient * SIGReg(representations)`.
+* optional: bfloat16 autocast with float32 master weights, activation checkpointing
+  (recompute each block in the backward pass), `torch.compile`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from soma_models.v1.torch.loss import cross_entropy_sum
+from soma_models.v1.torch.loss import LossTerms, loss_terms
 from soma_models.v1.torch.modules.attention import MultiHeadAttention
 from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.sig_reg import SIGReg
+from soma_models.v1.weight_decay import is_decayed
+
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
 
 
 def _check_model(model: nn.Module) -> Model:
@@ -41,11 +48,13 @@ def _check_model(model: nn.Module) -> Model:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices (linears, embedding) decay, biases and norms do not."""
+    """Two AdamW groups, in `model.parameters()` order within each: the parameters
+    `soma_models.v1.weight_decay.is_decayed` (matrices) with `weight_decay`, the rest
+    (biases, norms) without."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if is_decayed(param.shape) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -53,11 +62,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                    implementation: str = "auto") -> torch.optim.AdamW:
-    """AdamW over `model`'s parameters (weight decay on matrices only).
+    """AdamW over `model`'s parameters (`parameter_groups`: weight decay on matrices only).
 
     implementation: "auto" (fused where supported, else foreach), "fused", "foreach",
-    or "loop" (PyTorch's per-parameter reference loop; for comparisons).
+    or "loop" (PyTorch's per-parameter reference loop; for comparisons, and for
+    FSDP-sharded parameters).
     """
+    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer implementation must be auto, fused, foreach or loop, "
+                         f"got {implementation!r}")
     groups = parameter_groups(model, weight_decay)
     kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
     if implementation == "auto":
@@ -67,23 +80,25 @@ def make_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1
             return torch.optim.AdamW(groups, foreach=True, **kwargs)
     if implementation == "fused":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
-    if implementation == "foreach":
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
-    if implementation == "loop":
-        return torch.optim.AdamW(groups, foreach=False, **kwargs)
-    raise ValueError(f"optimizer implementation must be auto, fused, foreach or loop, "
-                     f"got {implementation!r}")
+    return torch.optim.AdamW(groups, foreach=implementation == "foreach", **kwargs)
 
 
 def check_bf16_autocast(device: torch.device) -> None:
-    """bfloat16 autocast is offered on CUDA only; refuse anything else with the reason."""
-    if device.type != "cuda":
-        raise ValueError(
-            f"bf16 autocast is only supported on CUDA devices (model is on {device.type}): "
-            f"CPU bfloat16 matmuls are slower than float32 without native bf16 units and "
-            f"this library trains in float32 there")
-    if not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16 autocast requested but this CUDA device has no bfloat16 support")
+    """The bf16 policy: autocast wherever the device computes in bfloat16.
+
+    That is CUDA devices with bf16 support, and CPUs: PyTorch's CPU autocast runs
+    everywhere, is fast on CPUs with native bf16 units (AMX, AVX512-BF16) and slower
+    than float32 without them (most x86 CPUs before AMX), which is the user's call, not
+    a correctness problem. Weights, optimizer state, the loss and SIGReg stay float32
+    either way. Anything else is refused with the reason.
+    """
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError("bf16 autocast requested but this CUDA device has no bfloat16 "
+                             "support")
+    elif device.type != "cpu":
+        raise ValueError(f"bf16 autocast is supported on CUDA and CPU devices, not "
+                         f"{device.type}")
 
 
 def prepare_model(model: Model, *, activation_checkpointing: bool = False,
@@ -118,8 +133,9 @@ class StepResult:
     grad_norm: float | None
 
 
-def _batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(token_ids, targets, pos_ids) as int64 tensors from a tuple or an ArrayBatch."""
+def batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(token_ids, targets, pos_ids) as int64 `[B, S]` tensors on `device`, from a tuple
+    of arrays/tensors or an `ArrayBatch`."""
     if isinstance(batch, (tuple, list)):
         if len(batch) != 3:
             raise ValueError(f"batch must be (token_ids, targets, pos_ids), got {len(batch)} items")
@@ -136,14 +152,57 @@ def _batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]
     return tensors
 
 
-def loss_terms(model: Model, sig_reg: SIGReg, token_ids: torch.Tensor,
-               targets: torch.Tensor, pos_ids: torch.Tensor,
-               noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross_entropy, coefficient * SIGReg): the on-chain loss's two terms, differentiable."""
-    representations = model.encode(token_ids, pos_ids)
-    logits = model.predict(representations)
-    cross_entropy = cross_entropy_sum(logits, targets) / targets.numel()
-    return cross_entropy, sig_reg(representations.float(), noise=noise)
+def forward(module: nn.Module, token_ids: torch.Tensor, pos_ids: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(representations `[B, S, D]`, logits `[B, S, vocab]`).
+
+    `module` is a `Model`, or a wrapper whose `forward(token_ids, pos_ids)` returns both
+    (DDP and FSDP hook `forward`, so a wrapped model must produce both in one call; see
+    `soma_models.train.distributed.TrainingModule`).
+    """
+    if isinstance(module, Model):
+        representations = module.encode(token_ids, pos_ids)
+        return representations, module.predict(representations)
+    return module(token_ids, pos_ids)
+
+
+def backward(module: nn.Module, sig_reg: SIGReg, token_ids: torch.Tensor,
+             targets: torch.Tensor, pos_ids: torch.Tensor, *,
+             noise: torch.Tensor | None = None, sig_reg_rows: torch.Tensor | None = None,
+             autocast_bf16: bool = False, accumulation: int = 1) -> LossTerms:
+    """Forward, the on-chain loss, and `(loss / accumulation).backward()`; returns the terms.
+
+    Gradients add to what `.grad` holds: over `accumulation` micro-batches they sum to
+    the gradient of the mean loss.
+    autocast_bf16: the forward runs in bfloat16 autocast (`check_bf16_autocast`); the
+    loss and SIGReg are computed in float32 from its outputs.
+    """
+    device = token_ids.device
+    if autocast_bf16:
+        check_bf16_autocast(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        representations, logits = forward(module, token_ids, pos_ids)
+    terms = loss_terms(representations, logits, targets, sig_reg, noise, sig_reg_rows)
+    (terms.loss / accumulation if accumulation != 1 else terms.loss).backward()
+    return terms
+
+
+def apply_update(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
+                 max_grad_norm: float | None = None,
+                 before_step: Callable[[float | None], None] | None = None) -> float | None:
+    """Clip the gradients' global norm to `max_grad_norm` (if set) and take the optimizer
+    step. Returns the norm before clipping (None without clipping; `float("inf")`
+    measures it without clipping). The gradients stay in `.grad` until the caller
+    clears them (`train_step` before its backward, the trainer right after the update).
+    `before_step(grad_norm)`, if given, runs between the clip and the step; raising there
+    skips the step (the trainer refuses a non-finite loss or norm that way)."""
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    if before_step is not None:
+        before_step(grad_norm)
+    optimizer.step()
+    return grad_norm
 
 
 def train_step(model: Model, sig_reg: SIGReg, optimizer: torch.optim.Optimizer,
@@ -156,24 +215,15 @@ def train_step(model: Model, sig_reg: SIGReg, optimizer: torch.optim.Optimizer,
     pos_ids) `[B, S]` each, or an object with those attributes (`ArrayBatch`).
     noise: SIGReg's `[D, slices]` noise (None: fresh `torch.randn`, as in training).
     autocast_bf16: run the forward in bfloat16 autocast, weights and optimizer state
-        stay float32 (CUDA only; refused elsewhere). max_grad_norm: clip if set.
+        stay float32 (see `check_bf16_autocast`). max_grad_norm: clip if set.
     """
     _check_model(model)
     device = model.embedding.weight.device
-    token_ids, targets, pos_ids = _batch_tensors(batch, device)
-    if autocast_bf16:
-        check_bf16_autocast(device)
+    token_ids, targets, pos_ids = batch_tensors(batch, device)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        cross_entropy, regulariser = loss_terms(model, sig_reg, token_ids, targets, pos_ids,
-                                                noise)
-    loss = cross_entropy + regulariser
-    loss.backward()
-    grad_norm = None
-    if max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-    optimizer.step()
-    return StepResult(float(loss.detach()), float(cross_entropy.detach()),
-                      float(regulariser.detach()), grad_norm)
-
+    terms = backward(model, sig_reg, token_ids, targets, pos_ids, noise=noise,
+                     autocast_bf16=autocast_bf16)
+    grad_norm = apply_update(optimizer, model.parameters(), max_grad_norm)
+    return StepResult(float(terms.loss.detach()), float(terms.cross_entropy.detach()),
+                      float(terms.sig_reg.detach()), grad_norm)

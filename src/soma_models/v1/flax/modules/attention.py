@@ -18,14 +18,22 @@ rematerialised in the backward pass, so gradients stay linear in memory too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from soma_models.v1.configs import V1_MASK_FILL_VALUE, ModelConfig
-from soma_models.v1.rope import rope_timescales
+from soma_models.v1.aliases import pick
+from soma_models.v1.configs import (
+    V1_MASK_FILL_VALUE,
+    LayerConfig,
+    ModelConfig,
+    attention_settings,
+)
+from soma_models.v1.rope import rope_arguments, rope_timescales
 
 # Every matmul runs in true float32, whatever the backend's default (TF32 on GPUs).
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -47,17 +55,27 @@ def exact_divide(numerator: jax.Array, denominator: jax.Array | float) -> jax.Ar
     return numerator / jax.lax.optimization_barrier(denominator)
 
 
-def apply_rope(x: jax.Array, pos_ids: jax.Array | np.ndarray, max_wavelength: float,
-               scale_factor: float = 1.0) -> jax.Array:
-    """Rotate `x` `[B, S, H, hd]` by positions `pos_ids` `[B, S]` (half-split RoPE).
+def apply_rope(inputs: jax.Array, positions: jax.Array | np.ndarray | None = None,
+               head_dim: int | None = None, max_wavelength: float | None = None,
+               scale_factor: float | None = None, *,
+               pos_ids: jax.Array | np.ndarray | None = None) -> jax.Array:
+    """Rotate `inputs` `[B, S, H, hd]` by `positions` (alias `pos_ids`) `[B, S]`.
 
-    angle[b, s, i] = (float32(pos) / max_wavelength ** (2i / hd)) / scale_factor;
-    out = concat(a cos - b sin, b cos + a sin) with a, b the two halves of the last axis.
+    Half-split RoPE: angle[b, s, i] = (float32(pos) / max_wavelength ** (2i / hd)) /
+    scale_factor; out = concat(a cos - b sin, b cos + a sin) with a, b the two halves of
+    the last axis. Defaults: max_wavelength 10000, scale_factor 1. Also callable as
+    `apply_rope(x, pos_ids, max_wavelength, scale_factor)` (see `rope.rope_arguments`).
     """
+    x = inputs
+    pos_ids = pick("apply_rope", "pos_ids", pos_ids, "positions", positions)
+    if pos_ids is None:
+        raise TypeError("apply_rope: missing the positions (positions= or pos_ids=)")
+    head_size = x.shape[-1]
+    max_wavelength, scale_factor = rope_arguments(head_size, head_dim, max_wavelength,
+                                                  scale_factor)
     if scale_factor < 1.0:
         raise ValueError(f"scale_factor must be >= 1.0, got {scale_factor}")
-    head_dim = x.shape[-1]
-    timescale = jnp.asarray(rope_timescales(head_dim, max_wavelength))
+    timescale = jnp.asarray(rope_timescales(head_size, max_wavelength))
     if isinstance(pos_ids, np.ndarray):
         # Round int64 positions to float32 on the host: JAX would first narrow them to int32.
         pos_ids = pos_ids.astype(np.float32)
@@ -69,7 +87,7 @@ def apply_rope(x: jax.Array, pos_ids: jax.Array | np.ndarray, max_wavelength: fl
         angle = exact_divide(angle, scale_factor)
     sin = jnp.sin(angle)[:, :, None, :].astype(x.dtype)
     cos = jnp.cos(angle)[:, :, None, :].astype(x.dtype)
-    a, b = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    a, b = x[..., : head_size // 2], x[..., head_size // 2 :]
     return jnp.concatenate((a * cos - b * sin, b * cos + a * sin), axis=-1)
 
 
@@ -176,46 +194,107 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout_rate: flo
 
 
 class MultiHeadAttention(nnx.Module):
-    """Causal self-attention: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`.
+    """Causal self-attention: `[B, S, D]`, positions `[B, S]` -> `[B, S, D]`.
 
     Kernels are split-head: query/key/value `[D, H, hd]` (bias `[H, hd]`), output
     `[H, hd, D]`; they reshape to and from the canonical flat `[D, D]`.
+
+    Built from a config, `MultiHeadAttention(config, rngs=...)`, or as the published
+    package builds it, `MultiHeadAttention(num_heads, num_features, *, ..., rngs)` with
+    flax's keywords: `dtype`, `param_dtype`, `precision` (None: full float32, which the
+    runtime's numbers need), `kernel_init`, `out_kernel_init`, `bias_init`,
+    `out_bias_init`, `use_bias`, `deterministic`, `dropout_rate`, `max_wavelength`,
+    `scale_factor`, `keep_rngs`. `attention_fn` (default: the runtime's exact attention)
+    is called as flax's `dot_product_attention` is, with a boolean causal mask, so a
+    custom one sees masked scores flax's way, not the runtime's -1e4 fill.
+    `broadcast_dropout` is accepted; our dropout masks are drawn per element.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
-                 output_init_std: float = INIT_STD):
-        dim, heads, head_dim = config.embedding_dim, config.num_heads, config.head_dim
+    def __init__(self, num_heads: int | ModelConfig | LayerConfig,
+                 num_features: int | None = None, *, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, broadcast_dropout: bool = True,
+                 dropout_rate: float | None = None, deterministic: bool | None = None,
+                 precision: Any = None, kernel_init: Any = None, out_kernel_init: Any = None,
+                 bias_init: Any = None, out_bias_init: Any = None, use_bias: bool = True,
+                 attention_fn: Callable[..., jax.Array] | None = None,
+                 max_wavelength: float | None = None, scale_factor: float | None = None,
+                 rngs: nnx.Rngs, keep_rngs: bool = True,
+                 output_init_std: float | None = None):
+        heads, dim, settings = attention_settings(num_heads, num_features, dropout_rate,
+                                                  max_wavelength, scale_factor)
+        head_dim = dim // heads
         self.num_heads = heads
         self.head_dim = head_dim
-        self.max_wavelength = config.max_wavelength
-        self.scale_factor = config.scale_factor
-        self.dropout_rate = config.dropout_rate
-        normal = nnx.initializers.normal(INIT_STD)
-        self.query = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                       precision=HIGHEST, rngs=rngs)
-        self.key = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                     precision=HIGHEST, rngs=rngs)
-        self.value = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=normal,
-                                       precision=HIGHEST, rngs=rngs)
+        self.max_wavelength, self.scale_factor, self.dropout_rate = settings
+        self.precision = HIGHEST if precision is None else precision
+        self.dtype = dtype
+        self.broadcast_dropout = broadcast_dropout
+        kernel_init = nnx.initializers.normal(INIT_STD) if kernel_init is None else kernel_init
+        if out_kernel_init is None:
+            out_kernel_init = (kernel_init if output_init_std is None
+                               else nnx.initializers.normal(output_init_std))
+        bias_init = nnx.initializers.zeros_init() if bias_init is None else bias_init
+        out_bias_init = bias_init if out_bias_init is None else out_bias_init
+        common = {"use_bias": use_bias, "dtype": dtype, "param_dtype": param_dtype,
+                  "precision": self.precision, "rngs": rngs}
+        self.query = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=kernel_init,
+                                       bias_init=bias_init, **common)
+        self.key = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=kernel_init,
+                                     bias_init=bias_init, **common)
+        self.value = nnx.LinearGeneral(dim, (heads, head_dim), kernel_init=kernel_init,
+                                       bias_init=bias_init, **common)
         self.output = nnx.LinearGeneral((heads, head_dim), dim, axis=(-2, -1),
-                                        kernel_init=nnx.initializers.normal(output_init_std),
-                                        precision=HIGHEST, rngs=rngs)
+                                        kernel_init=out_kernel_init, bias_init=out_bias_init,
+                                        **common)
         #: Set by `model.train()` / `model.eval()`; dropout only when False.
-        self.deterministic = False
-        self.dropout_rngs = (rngs["dropout"].fork() if config.dropout_rate > 0.0
+        self.deterministic = False if deterministic is None else deterministic
+        self.dropout_rngs = (rngs["dropout"].fork() if self.dropout_rate > 0.0 and keep_rngs
                              else nnx.data(None))
+        #: A custom attention (flax's calling convention); None: the runtime's attention.
+        self.attention_fn = (None if attention_fn in (None, nnx.dot_product_attention)
+                             else attention_fn)
         #: False forces the materialised O(S^2) path (tests, benchmarks).
         self.fused = True
         self.block_size = BLOCK_SIZE
 
-    def __call__(self, x: jax.Array, pos_ids: jax.Array) -> jax.Array:
-        q = apply_rope(self.query(x), pos_ids, self.max_wavelength, self.scale_factor)
-        k = apply_rope(self.key(x), pos_ids, self.max_wavelength, self.scale_factor)
+    def __call__(self, inputs: jax.Array, pos_ids: jax.Array | np.ndarray | None = None, *,
+                 deterministic: bool | None = None, rngs: nnx.Rngs | None = None,
+                 positions: jax.Array | np.ndarray | None = None) -> jax.Array:
+        """`inputs` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1.
+
+        `deterministic` overrides the module's setting for this call; `rngs` supplies the
+        dropout key (else the module's own stream).
+        """
+        x = inputs
+        pos_ids = pick("MultiHeadAttention", "pos_ids", pos_ids, "positions", positions)
+        if pos_ids is None:
+            pos_ids = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        rope = {"max_wavelength": self.max_wavelength, "scale_factor": self.scale_factor}
+        q = apply_rope(self.query(x), pos_ids, **rope)
+        k = apply_rope(self.key(x), pos_ids, **rope)
         v = self.value(x)
-        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))           # [B, H, S, hd]
-        training = not self.deterministic and self.dropout_rate > 0.0
+        if deterministic is None:
+            deterministic = self.deterministic
+        training = not deterministic and self.dropout_rate > 0.0
         rate = self.dropout_rate if training else 0.0
-        key = self.dropout_rngs() if training else None
+        key = None
+        if training:
+            if rngs is not None:
+                key = rngs["dropout"]()
+            elif self.dropout_rngs is not None:
+                key = self.dropout_rngs()
+            else:
+                raise ValueError("MultiHeadAttention: dropout needs a key; pass rngs= to the "
+                                 "call or build the module with keep_rngs=True")
+        if self.attention_fn is not None:
+            seq = x.shape[1]
+            mask = jnp.asarray(np.tril(np.ones((seq, seq), dtype=bool)))[None, None]
+            context = self.attention_fn(q, k, v, mask=mask, dropout_rng=key, dropout_rate=rate,
+                                        broadcast_dropout=self.broadcast_dropout,
+                                        deterministic=not training, dtype=self.dtype,
+                                        precision=self.precision)
+            return self.output(context)
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))           # [B, H, S, hd]
         if self.fused:
             context = causal_attention(q, k, v, rate, key, self.block_size)
         else:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from soma_models.v1.configs import ModelConfig
+from soma_models.v1.configs import ModelConfig, PositionWiseFeedForwardConfig
 from soma_models.v1.flax.modules.attention import HIGHEST, INIT_STD
+
+__all__ = ["PositionWiseFeedForward", "PositionWiseFeedForwardConfig"]
 
 
 class PositionWiseFeedForward(nnx.Module):
-    """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer."""
+    """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
+    `config`: a `PositionWiseFeedForwardConfig`, or any config with its fields.
+    """
+
+    def __init__(self, config: PositionWiseFeedForwardConfig | ModelConfig, rngs: nnx.Rngs, *,
                  output_init_std: float = INIT_STD):
         self.linear_inner = nnx.Linear(config.embedding_dim, config.pwff_hidden_dim,
                                        kernel_init=nnx.initializers.normal(INIT_STD),

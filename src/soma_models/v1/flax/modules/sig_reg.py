@@ -82,7 +82,7 @@ class SIGReg(nnx.Module):
     from the "sig_reg" stream of `rngs` (which falls back to the default stream).
     """
 
-    def __init__(self, config: SIGRegConfig | None = None, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: SIGRegConfig | None = None, rngs: nnx.Rngs | None = None):
         self.config = config or SIGRegConfig()
         self.rngs = rngs["sig_reg"].fork() if rngs is not None else nnx.data(None)
 
@@ -97,4 +97,9 @@ class SIGReg(nnx.Module):
         return sig_reg_statistic(x, noise, self.config)
 
     def __call__(self, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+        """`coefficient * statistic` of x `[..., D]`; noise `[D, slices]` (None: drawn)."""
         return self.config.coefficient * self.statistic(x, noise)
+
+    def compute(self, x: jax.Array, noise: jax.Array) -> jax.Array:
+        """`coefficient * statistic` with the given noise (the published package's name)."""
+        return self(x, noise)

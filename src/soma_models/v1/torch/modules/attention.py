@@ -32,8 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from soma_models.v1.configs import V1_MASK_FILL_VALUE, ModelConfig
-from soma_models.v1.rope import rope_timescales
+from soma_models.v1.aliases import pick
+from soma_models.v1.configs import (
+    V1_MASK_FILL_VALUE,
+    LayerConfig,
+    ModelConfig,
+    attention_settings,
+)
+from soma_models.v1.rope import rope_arguments, rope_timescales
 
 # exp(-104) is below half of float32's smallest subnormal (2^-150 = exp(-103.97)), so it
 # rounds to 0; 8 more for rounding slack between the diagonal we compute and the
@@ -63,23 +69,33 @@ def _timescale_tensor(head_dim: int, max_wavelength: float, device: torch.device
     return torch.from_numpy(rope_timescales(head_dim, max_wavelength).copy()).to(device)
 
 
-def apply_rope(x: torch.Tensor, pos_ids: torch.Tensor, max_wavelength: float,
-               scale_factor: float = 1.0) -> torch.Tensor:
-    """Rotate `x` `[B, S, H, hd]` by positions `pos_ids` `[B, S]` (half-split RoPE).
+def apply_rope(inputs: torch.Tensor, positions: torch.Tensor | None = None,
+               head_dim: int | None = None, max_wavelength: float | None = None,
+               scale_factor: float | None = None, *,
+               pos_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate `inputs` `[B, S, H, hd]` by `positions` (alias `pos_ids`) `[B, S]`.
 
-    angle[b, s, i] = (float32(pos) / max_wavelength ** (2i / hd)) / scale_factor;
-    out = concat(a cos - b sin, b cos + a sin) with a, b the two halves of the last axis.
+    Half-split RoPE: angle[b, s, i] = (float32(pos) / max_wavelength ** (2i / hd)) /
+    scale_factor; out = concat(a cos - b sin, b cos + a sin) with a, b the two halves of
+    the last axis. Defaults: max_wavelength 10000, scale_factor 1. Also callable as
+    `apply_rope(x, pos_ids, max_wavelength, scale_factor)` (see `rope.rope_arguments`).
     """
+    x = inputs
+    pos_ids = pick("apply_rope", "pos_ids", pos_ids, "positions", positions)
+    if pos_ids is None:
+        raise TypeError("apply_rope: missing the positions (positions= or pos_ids=)")
+    head_size = x.shape[-1]
+    max_wavelength, scale_factor = rope_arguments(head_size, head_dim, max_wavelength,
+                                                  scale_factor)
     if scale_factor < 1.0:
         raise ValueError(f"scale_factor must be >= 1.0, got {scale_factor}")
-    head_dim = x.shape[-1]
-    timescale = _timescale_tensor(head_dim, float(max_wavelength), x.device)
+    timescale = _timescale_tensor(head_size, max_wavelength, x.device)
     # A division by the timescale, not a product with an inverse frequency: they round
     # differently, and at large positions sin/cos amplify the difference.
     angle = (pos_ids.to(torch.float32)[:, :, None] / timescale) / scale_factor  # [B, S, hd/2]
     sin = torch.sin(angle)[:, :, None, :].to(x.dtype)
     cos = torch.cos(angle)[:, :, None, :].to(x.dtype)
-    a, b = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    a, b = x[..., : head_size // 2], x[..., head_size // 2 :]
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
@@ -233,28 +249,43 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`."""
+    """Causal self-attention: `[B, S, D]`, positions `[B, S]` -> `[B, S, D]`.
 
-    def __init__(self, config: ModelConfig):
+    Built from a config (`MultiHeadAttention(config)`, any config with `num_heads`,
+    `embedding_dim`, `dropout_rate`, `max_wavelength`, `scale_factor`) or as the published
+    package builds it: `MultiHeadAttention(num_heads, num_features, *, dropout_rate=0.0,
+    use_bias=True, max_wavelength=10000.0, scale_factor=1.0)`.
+    """
+
+    def __init__(self, num_heads: int | ModelConfig | LayerConfig,
+                 num_features: int | None = None, *, dropout_rate: float | None = None,
+                 use_bias: bool = True, max_wavelength: float | None = None,
+                 scale_factor: float | None = None):
         super().__init__()
-        dim = config.embedding_dim
-        self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
-        self.max_wavelength = config.max_wavelength
-        self.scale_factor = config.scale_factor
-        self.dropout_rate = config.dropout_rate
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
-        self.value = nn.Linear(dim, dim)
-        self.output = nn.Linear(dim, dim)
+        heads, dim, settings = attention_settings(num_heads, num_features, dropout_rate,
+                                                  max_wavelength, scale_factor)
+        self.num_heads = heads
+        self.head_dim = dim // heads
+        self.max_wavelength, self.scale_factor, self.dropout_rate = settings
+        self.query = nn.Linear(dim, dim, bias=use_bias)
+        self.key = nn.Linear(dim, dim, bias=use_bias)
+        self.value = nn.Linear(dim, dim, bias=use_bias)
+        self.output = nn.Linear(dim, dim, bias=use_bias)
         #: False forces the materialised O(S^2) path (tests, benchmarks).
         self.fused = True
 
-    def forward(self, x: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, pos_ids: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1."""
+        x = inputs
+        pos_ids = pick("MultiHeadAttention", "pos_ids", pos_ids, "positions", positions)
         batch, seq, dim = x.shape
+        if pos_ids is None:
+            pos_ids = torch.arange(seq, device=x.device).expand(batch, seq)
         split = (batch, seq, self.num_heads, self.head_dim)
-        q = apply_rope(self.query(x).view(split), pos_ids, self.max_wavelength, self.scale_factor)
-        k = apply_rope(self.key(x).view(split), pos_ids, self.max_wavelength, self.scale_factor)
+        rope = {"max_wavelength": self.max_wavelength, "scale_factor": self.scale_factor}
+        q = apply_rope(self.query(x).view(split), pos_ids, **rope)
+        k = apply_rope(self.key(x).view(split), pos_ids, **rope)
         v = self.value(x).view(split)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))               # [B, H, S, hd]
         dropout_p = self.dropout_rate if self.training else 0.0

@@ -6,20 +6,32 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from soma_models.v1.configs import ModelConfig
+from soma_models.v1.aliases import pick
+from soma_models.v1.configs import EncoderConfig, LayerConfig, ModelConfig
 from soma_models.v1.torch.modules.layer import Layer
+
+__all__ = ["Encoder", "EncoderConfig", "Layer", "LayerConfig"]
 
 
 class Encoder(nn.Module):
-    """`num_layers` pre-norm blocks: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`."""
+    """`num_layers` pre-norm blocks: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`.
 
-    def __init__(self, config: ModelConfig):
+    `config`: an `EncoderConfig`, or any config with its fields (`ModelConfig`).
+    """
+
+    def __init__(self, config: EncoderConfig | ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         #: Recompute each block's activations in the backward pass (saves memory).
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, pos_ids: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`input` `[B, S, D]`; `pos_ids` (alias `positions`) `[B, S]`, None: 0..S-1."""
+        x = input
+        pos_ids = pick("Encoder", "pos_ids", pos_ids, "positions", positions)
+        if pos_ids is None:
+            pos_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, pos_ids, use_reentrant=False)

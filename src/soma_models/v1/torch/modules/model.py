@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
-import os
-from typing import Self
 
 import torch
 from torch import nn
 
-from soma_models.v1.configs import V1_LAYER_NORM_EPS, ModelConfig
+from soma_models.v1.aliases import pick
+from soma_models.v1.configs import V1_LAYER_NORM_EPS, EncoderConfig, ModelConfig
 from soma_models.v1.torch.modules.encoder import Encoder
+from soma_models.v1.torch.serde import Serializable
+
+__all__ = ["Encoder", "EncoderConfig", "Model", "ModelConfig", "Serializable",
+           "default_pos_ids"]
 
 INIT_STD = 0.02
+_NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32,
+                    torch.uint64)
 
 
 def default_pos_ids(token_ids: torch.Tensor) -> torch.Tensor:
@@ -21,8 +26,13 @@ def default_pos_ids(token_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq, device=token_ids.device).expand(token_ids.shape)
 
 
-class Model(nn.Module):
-    """V1 transformer. token_ids `[B, S]` (int), pos_ids `[B, S]` -> logits `[B, S, vocab]`."""
+class Model(Serializable, nn.Module):
+    """V1 transformer. token_ids `[B, S]` (int), pos_ids `[B, S]` -> logits `[B, S, vocab]`.
+
+    Weights: `save`/`save_bytes`/`load`/`load_bytes`/`from_arrays` (canonical
+    safetensors, from `Serializable`). `input=`/`positions=`/`embeddings=` are accepted
+    for `token_ids=`/`pos_ids=`/`representations=` (the published package's names).
+    """
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
@@ -52,8 +62,20 @@ class Model(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def encode(self, token_ids: torch.Tensor, pos_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Representations `[B, S, D]` (after the final LayerNorm)."""
+    def encode(self, token_ids: torch.Tensor | None = None, pos_ids: torch.Tensor | None = None,
+               *, input: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Representations `[B, S, D]` (after the final LayerNorm).
+
+        token_ids (alias `input`): `[B, S]`, any integer dtype; pos_ids (alias
+        `positions`): `[B, S]`, None means `0 .. S-1` on every row.
+        """
+        token_ids = pick("Model.encode", "token_ids", token_ids, "input", input)
+        pos_ids = pick("Model.encode", "pos_ids", pos_ids, "positions", positions)
+        if token_ids is None:
+            raise TypeError("Model.encode: missing token_ids (or input=)")
+        if token_ids.dtype in _NARROW_INTEGERS:
+            token_ids = token_ids.long()  # nn.Embedding indexes with int32/int64 only
         if pos_ids is None:
             pos_ids = default_pos_ids(token_ids)
         if pos_ids.shape != token_ids.shape:
@@ -62,35 +84,15 @@ class Model(nn.Module):
         x = self.embedding(token_ids)
         return self.final_norm(self.encoder(x, pos_ids))
 
-    def predict(self, representations: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, S, vocab]` from representations `[B, S, D]`."""
+    def predict(self, representations: torch.Tensor | None = None, *,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[B, S, vocab]` from representations (alias `embeddings`) `[B, S, D]`."""
+        representations = pick("Model.predict", "representations", representations,
+                                "embeddings", embeddings)
         return self.predictor(representations)
 
-    def forward(self, token_ids: torch.Tensor, pos_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.predict(self.encode(token_ids, pos_ids))
-
-    # --- weights (canonical safetensors; see soma_models.v1.torch.serde) ---
-    def save(self, path: str | os.PathLike) -> None:
-        from soma_models.v1.torch import serde
-
-        serde.save(self, path)
-
-    def save_bytes(self) -> bytes:
-        from soma_models.v1.torch import serde
-
-        return serde.to_bytes(self)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, config: ModelConfig | None = None, *,
-             device: torch.device | str | None = None) -> Self:
-        """Load canonical weights; `config=None` infers sizes from the file (V1 heads)."""
-        from soma_models.v1.torch import serde
-
-        return serde.load(path, config, device=device, model_cls=cls)
-
-    @classmethod
-    def load_bytes(cls, data: bytes | bytearray | memoryview, config: ModelConfig | None = None,
-                   *, device: torch.device | str | None = None) -> Self:
-        from soma_models.v1.torch import serde
-
-        return serde.load(data, config, device=device, model_cls=cls)
+    def forward(self, token_ids: torch.Tensor | None = None, pos_ids: torch.Tensor | None = None,
+                *, input: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[B, S, vocab]`; arguments as `encode`."""
+        return self.predict(self.encode(token_ids, pos_ids, input=input, positions=positions))

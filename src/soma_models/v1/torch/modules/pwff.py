@@ -6,13 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soma_models.v1.configs import ModelConfig
+from soma_models.v1.configs import ModelConfig, PositionWiseFeedForwardConfig
+
+__all__ = ["PositionWiseFeedForward", "PositionWiseFeedForwardConfig"]
 
 
 class PositionWiseFeedForward(nn.Module):
-    """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer."""
+    """`[..., D]` -> `[..., D]` through a `pwff_hidden_dim` hidden layer.
 
-    def __init__(self, config: ModelConfig):
+    `config`: a `PositionWiseFeedForwardConfig`, or any config with its fields.
+    """
+
+    def __init__(self, config: PositionWiseFeedForwardConfig | ModelConfig):
         super().__init__()
         self.linear_inner = nn.Linear(config.embedding_dim, config.pwff_hidden_dim)
         self.linear_outer = nn.Linear(config.pwff_hidden_dim, config.embedding_dim)

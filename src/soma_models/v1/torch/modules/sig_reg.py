@@ -126,4 +126,9 @@ class SIGReg(nn.Module):
         return sig_reg_statistic(x, noise, self.config)
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`coefficient * statistic` of x `[..., D]`; noise `[D, slices]` (None: drawn)."""
         return self.config.coefficient * self.statistic(x, noise)
+
+    def compute(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`coefficient * statistic` with the given noise (the published package's name)."""
+        return self.forward(x, noise)
