@@ -191,7 +191,7 @@ def _add_protocol(p: argparse.ArgumentParser, what: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from soma_models.v1.configs import SIGRegConfig
-    from soma_models.v1.scoring import compete
+    from soma_models.v1.scoring import NaNLossWarning, compete
 
     revision = _revision(args)
     keys = _keys_for(args.weights, args.key)
@@ -206,6 +206,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if math.isnan(score.loss):
             warnings.warn(_nan_loss_note(args.weights[i], i), stacklevel=1)
 
+    # compete() warns about NaN losses too; here each file gets its own line (report above).
+    warnings.filterwarnings("ignore", category=NaNLossWarning)
     result = compete(args.weights, data, args.seed, target=target, keys=keys,
                      framework=args.framework, device=args.device,
                      sig_reg_config=SIGRegConfig.for_protocol(revision),
