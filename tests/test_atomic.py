@@ -76,6 +76,22 @@ def test_clean_stale_removes_only_dead_writers_entries(tmp_path):
     assert live.exists() and unrelated.exists()
 
 
+def test_a_folder_moved_aside_by_a_dead_writer_is_put_back_not_removed(tmp_path):
+    # A writer killed between "move the old folder aside" and "move the new one in" leaves
+    # the old content only under the aside name: the next writer restores it.
+    dead = dead_pid()
+    aside = tmp_path / f".step_1.{dead}-ab12{atomic.ASIDE_SUFFIX}"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"old")
+    assert is_temporary(aside)
+    assert clean_stale(tmp_path) == [aside]
+    assert (tmp_path / "step_1" / "model.safetensors").read_bytes() == b"old"
+    # Once the destination exists again (the swap had completed), an aside is just litter.
+    aside.mkdir()
+    assert clean_stale(tmp_path) == [aside]
+    assert not aside.exists() and (tmp_path / "step_1" / "model.safetensors").exists()
+
+
 def test_writer_cleans_stale_litter_of_its_folder(tmp_path):
     stale = tmp_path / f".other.bin.{dead_pid()}-0000{atomic.SUFFIX}"
     stale.write_bytes(b"x" * 100)

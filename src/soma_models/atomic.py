@@ -14,7 +14,11 @@ module owns those temporary names and makes sure they do not outlive their write
 
 Temporary names are ``.{destination name}.{pid}-{token}.soma-tmp``: hidden, next to the
 destination (so the rename stays on one file system), and carrying the writer's PID, so
-that only entries whose writer is gone are ever treated as stale.
+that only entries whose writer is gone are ever treated as stale. A folder being replaced
+is first moved aside as ``.{destination name}.{pid}-{token}.soma-old``; it holds the only
+copy of the old content until the new folder is in place, so it is never removed by a
+signal, and a stale one is put back when its destination is missing (a writer killed
+between the two renames) and removed otherwise.
 
 API:
     staging(dest, directory=False)  context manager: yields the temporary path, renames it
@@ -41,7 +45,9 @@ from typing import Any
 PathLike = str | os.PathLike
 
 SUFFIX = ".soma-tmp"
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]+" + re.escape(SUFFIX) + "$")
+ASIDE_SUFFIX = ".soma-old"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]+(?P<suffix>"
+                        + re.escape(SUFFIX) + "|" + re.escape(ASIDE_SUFFIX) + ")$")
 
 # Temporaries now being written, by this process (any thread).
 _in_flight: set[Path] = set()
@@ -54,10 +60,10 @@ def is_temporary(path: PathLike) -> bool:
     return _TEMP_NAME.match(Path(path).name) is not None
 
 
-def temporary_path(dest: PathLike) -> Path:
+def temporary_path(dest: PathLike, suffix: str = SUFFIX) -> Path:
     """A fresh temporary name next to `dest` (not created)."""
     dest = Path(dest)
-    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}")
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,7 +96,9 @@ def _remove(path: Path) -> None:
 def clean_stale(folder: PathLike) -> list[Path]:
     """Remove the temporaries in `folder` whose writer process no longer exists.
 
-    Returns what was removed. Entries of live processes (this one included) are kept.
+    A folder a dead writer had moved aside is put back where its destination is missing
+    (the writer died between the two renames) instead of being removed. Returns what was
+    removed or put back. Entries of live processes (this one included) are kept.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -103,7 +111,12 @@ def clean_stale(folder: PathLike) -> list[Path]:
         if match is None or _pid_alive(int(match.group("pid"))):
             continue
         path = Path(entry.path)
-        _remove(path)
+        original = folder / match.group("name")
+        if match.group("suffix") == ASIDE_SUFFIX and not original.exists():
+            with contextlib.suppress(OSError):
+                os.replace(path, original)
+        else:
+            _remove(path)
         removed.append(path)
     return removed
 
@@ -211,14 +224,16 @@ def staging(dest: PathLike, *, directory: bool = False) -> Iterator[Path]:
             raise FileNotFoundError(f"{dest}: nothing was written")
         try:
             if directory and dest.exists():
-                aside = temporary_path(dest)
-                with _lock:
-                    _in_flight.add(aside)
+                # The old folder is the only copy until the new one is in place: it is not
+                # "in flight" (a signal must not delete it), and a failed swap puts it back.
+                aside = temporary_path(dest, ASIDE_SUFFIX)
                 os.replace(dest, aside)
-                os.replace(tmp, dest)
+                try:
+                    os.replace(tmp, dest)
+                except BaseException:
+                    os.replace(aside, dest)
+                    raise
                 _remove(aside)
-                with _lock:
-                    _in_flight.discard(aside)
             else:
                 os.replace(tmp, dest)
         except PermissionError:
