@@ -1,7 +1,7 @@
 """The on-chain loss through the Flax model: semantics, noise, SIGReg chunking.
 
 Gradients are checked against PyTorch in tests/v1/test_cross_framework.py (nnx.grad and
-plain jax.grad) and training under nnx.jit in test_flax_example.py.
+plain jax.grad) and training under nnx.jit in tests/examples/test_flax_train_step.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The fast, memory-linear paths compute what the materialised ones do.
+"""The exact fast attention kernels (`attention_kernels`) compute what the materialised
+reference does.
 
-Attention: `attention_kernels.causal_attention` (flash kernel + closed-form -1e4 fill, or head recompute
-under autograd, or SDPA + row recompute as the fallback) against a materialised
-reference with the -1e4 fill written out here. SIGReg: the chunked hand-differentiated
-statistic against a direct `[positions, slices, points]` float64 formula written here.
+`attention_kernels.causal_attention` (flash kernel + closed-form -1e4 fill, or head recompute
+under autograd, or SDPA + row recompute as the fallback) is compared with a materialised
+reference with the -1e4 fill written out here.
 
 The fill regime needs scores of magnitude ~1e4, where one float32 ulp is ~1e-3: two
 correct float32 kernels that sum q . k in different orders then disagree in the
@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from soma_models.v1.configs import ModelConfig, SIGRegConfig
-from soma_models.v1.noise import quadrature, sig_reg_reference
-from soma_models.v1.torch.modules import attention, attention_kernels, sig_reg
+from soma_models.v1.configs import ModelConfig
+from soma_models.v1.torch.modules import attention, attention_kernels
 from soma_models.v1.torch.modules.attention import apply_rope, causal_attention
 from soma_models.v1.torch.modules.model import Model
-from soma_models.v1.torch.modules.sig_reg import sig_reg_statistic
 
 RTOL = ATOL = 1e-5
 FILL = -1.0e4
@@ -222,162 +219,3 @@ def test_model_ordinary_weights_forward_and_gradients(seq: int) -> None:
     slow_grads = dict(slow.named_parameters())
     for name, param in fast.named_parameters():
         assert_close(param.grad, slow_grads[name].grad, rtol=1e-4, atol=1e-6)
-
-
-# --- SIGReg -------------------------------------------------------------------------
-
-def direct_sig_reg(x: torch.Tensor, noise: torch.Tensor, config: SIGRegConfig) -> torch.Tensor:
-    """SPEC §5 with the `[positions, slices, points]` tensor materialised, float64."""
-    t, phi, weights = (torch.from_numpy(a).double() for a in quadrature(config))
-    directions = noise.double() / noise.double().norm(dim=0, keepdim=True)
-    p = x.double().reshape(-1, x.shape[-1]) @ directions                 # [P, slices]
-    angle = p[:, :, None] * t                                            # [P, slices, points]
-    c, z = torch.cos(angle).mean(1), torch.sin(angle).mean(1)
-    return (config.slices * (((c - phi) ** 2 + z * z) * weights).sum(-1)).mean()
-
-
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_sig_reg_chunked_equals_direct(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
-    monkeypatch.setattr(sig_reg, "POSITIONS_PER_CHUNK", 37)   # several uneven chunks
-    config = SIGRegConfig(slices=256)
-    generator = torch.Generator().manual_seed(11)
-    x = torch.randn(3, 50, 96, generator=generator) * scale
-    noise = torch.randn(96, 256, generator=generator)
-    fast = sig_reg_statistic(x, noise, config)
-    assert_close(fast, direct_sig_reg(x, noise, config))
-    reference = sig_reg_reference(x.numpy(), noise.numpy(), config)
-    np.testing.assert_allclose(float(fast), reference, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_sig_reg_gradients_equal_direct(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
-    monkeypatch.setattr(sig_reg, "POSITIONS_PER_CHUNK", 37)
-    config = SIGRegConfig(slices=256)
-    generator = torch.Generator().manual_seed(12)
-    x = torch.randn(2, 60, 96, generator=generator) * scale
-    noise = torch.randn(96, 256, generator=generator)
-    x_fast, noise_fast = x.clone().requires_grad_(), noise.clone().requires_grad_()
-    sig_reg_statistic(x_fast, noise_fast, config).backward()
-    x_ref = x.double().requires_grad_()
-    noise_ref = noise.double().requires_grad_()
-    direct_sig_reg(x_ref, noise_ref, config).backward()
-    # Gradients are ~1/positions each: compare relative to the largest entry.
-    for got, want in ((x_fast.grad, x_ref.grad), (noise_fast.grad, noise_ref.grad)):
-        scale_of = float(want.abs().max())
-        assert_close(got / scale_of, want / scale_of)
-
-
-def test_sig_reg_float64_and_no_grad_paths_agree() -> None:
-    config = SIGRegConfig(slices=128)
-    generator = torch.Generator().manual_seed(13)
-    x = torch.randn(4, 40, 32, generator=generator)
-    noise = torch.randn(32, 128, generator=generator)
-    with torch.no_grad():
-        value32 = sig_reg_statistic(x, noise, config)
-    value64 = sig_reg_statistic(x.double(), noise.double(), config)
-    assert value64.dtype == torch.float64
-    assert_close(value32, value64)
-    assert_close(value64, direct_sig_reg(x, noise, config), rtol=1e-12, atol=1e-12)
-
-
-# --- training step ------------------------------------------------------------------
-
-
-def reference_step_gradients(model: Model, tokens: torch.Tensor, targets: torch.Tensor,
-                             noise: torch.Tensor, config: SIGRegConfig):
-    """Loss and gradients with materialised attention and the direct SIGReg formula."""
-    for module in model.modules():
-        if isinstance(module, attention.MultiHeadAttention):
-            module.fused = False
-    model.zero_grad(set_to_none=True)
-    reps = model.encode(tokens)
-    logits = model.predict(reps)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           targets.reshape(-1), ignore_index=256,
-                                           reduction="sum") / targets.numel()
-    loss = ce + config.coefficient * direct_sig_reg(reps, noise, config).float()
-    loss.backward()
-    return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_train_step_gradients_match_a_materialised_step(checkpointing: bool) -> None:
-    from soma_models.v1.torch.modules.sig_reg import SIGReg
-    from soma_models.v1.torch.train_step import make_optimizer, prepare_model, train_step
-
-    config = SIGRegConfig(slices=64)
-    fast, slow = model_pair(SMALL, weight_std=None, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(14)
-    tokens = torch.randint(0, 258, (2, 96), generator=generator)
-    targets = torch.randint(0, 258, (2, 96), generator=generator)
-    targets[:, -5:] = 256                                   # PAD targets count in the mean
-    noise = torch.randn(SMALL.embedding_dim, config.slices, generator=generator)
-    pos_ids = torch.arange(96).expand(2, 96)
-    prepare_model(fast, activation_checkpointing=checkpointing)
-    optimizer = make_optimizer(fast, lr=0.0)              # lr 0: the step leaves weights as is
-    result = train_step(fast, SIGReg(config), optimizer, (tokens, targets, pos_ids), noise=noise)
-    expected_loss, expected_grads = reference_step_gradients(slow, tokens, targets, noise, config)
-    np.testing.assert_allclose(result.loss, expected_loss, rtol=RTOL)
-    np.testing.assert_allclose(result.loss, result.cross_entropy + result.sig_reg, rtol=1e-6)
-    for name, param in fast.named_parameters():
-        assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-6)
-
-
-def test_train_step_updates_weights_and_accepts_array_batches() -> None:
-    from soma_models.v1.tokenizer import iter_batches
-    from soma_models.v1.torch.modules.sig_reg import SIGReg
-    from soma_models.v1.torch.train_step import make_optimizer, train_step
-
-    config = ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2)
-    model = Model(config)
-    before = model.predictor.weight.detach().clone()
-    batch = next(iter(iter_batches(bytes(range(200)) * 3, max_seq_len=64, batch_size=2)))
-    result = train_step(model, SIGReg(SIGRegConfig(slices=16)), make_optimizer(model, lr=1e-2),
-                        batch, max_grad_norm=1.0)
-    assert result.grad_norm is not None and result.grad_norm > 0.0
-    assert math.isfinite(result.loss)
-    assert not torch.equal(before, model.predictor.weight)
-
-
-def test_bf16_autocast_runs_on_cpu_with_float32_loss_terms() -> None:
-    # The one bf16 policy (train_step.check_bf16_autocast): CPU autocast is allowed, the
-    # loss stays float32 and near the float32 step's.
-    from soma_models.v1.torch.modules.sig_reg import SIGReg
-    from soma_models.v1.torch.train_step import make_optimizer, train_step
-
-    torch.manual_seed(0)
-    model = Model(ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2))
-    reference = Model(model.config)
-    reference.load_state_dict(model.state_dict())
-    tokens = torch.randint(0, 256, (2, 16))
-    batch = (tokens, torch.roll(tokens, -1, 1), torch.arange(16).expand(2, 16))
-    noise = torch.randn(32, 8)
-    sig_reg = SIGReg(SIGRegConfig(slices=8))
-    low = train_step(model, sig_reg, make_optimizer(model), batch, noise=noise,
-                     autocast_bf16=True)
-    full = train_step(reference, sig_reg, make_optimizer(reference), batch, noise=noise)
-    assert math.isfinite(low.loss)
-    assert low.loss == pytest.approx(full.loss, rel=2e-2)
-
-
-def test_bf16_autocast_is_refused_on_devices_without_bf16() -> None:
-    from soma_models.v1.torch.train_step import check_bf16_autocast
-
-    check_bf16_autocast(torch.device("cpu"))
-    with pytest.raises(ValueError, match="bf16 autocast is supported on CUDA and CPU"):
-        check_bf16_autocast(torch.device("meta"))
-
-
-def test_make_optimizer_decays_matrices_only() -> None:
-    from soma_models.v1.torch.train_step import make_optimizer
-
-    model = Model(ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=1, num_heads=2))
-    optimizer = make_optimizer(model, weight_decay=0.1)
-    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    for name, param in model.named_parameters():
-        assert (id(param) in decayed) == (param.ndim >= 2), name
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-    for implementation in ("fused", "foreach", "loop"):
-        make_optimizer(model, implementation=implementation)
-    with pytest.raises(ValueError, match="auto, fused, foreach or loop"):
-        make_optimizer(model, implementation="turbo")

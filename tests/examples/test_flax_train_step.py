@@ -9,7 +9,7 @@ import numpy as np
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "flax_train_step.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flax_train_step.py"
 
 
 def _load_example():
