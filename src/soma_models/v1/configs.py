@@ -154,8 +154,22 @@ def _check_block(config: Any) -> None:
 # all of these fields; `dropout_rate` defaults to 0.0 here as in `ModelConfig`.
 
 
+class _AttentionBlockConfig:
+    """What the attention-bearing per-part configs share: the checks and `head_dim`."""
+
+    embedding_dim: int
+    num_heads: int
+
+    def __post_init__(self) -> None:
+        _check_block(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(_AttentionBlockConfig):
     """Hyperparameters of the `Encoder` (the stack of layers)."""
 
     dropout_rate: float = 0.0
@@ -166,16 +180,9 @@ class EncoderConfig:
     max_wavelength: float = V1_MAX_WAVELENGTH
     scale_factor: float = V1_SCALE_FACTOR
 
-    def __post_init__(self) -> None:
-        _check_block(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embedding_dim // self.num_heads
-
 
 @dataclass(frozen=True)
-class LayerConfig:
+class LayerConfig(_AttentionBlockConfig):
     """Hyperparameters of one `Layer` (pre-norm attention + feed-forward block)."""
 
     dropout_rate: float = 0.0
@@ -184,13 +191,6 @@ class LayerConfig:
     num_heads: int = V1_NUM_HEADS
     max_wavelength: float = V1_MAX_WAVELENGTH
     scale_factor: float = V1_SCALE_FACTOR
-
-    def __post_init__(self) -> None:
-        _check_block(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embedding_dim // self.num_heads
 
 
 @dataclass(frozen=True)
