@@ -44,12 +44,15 @@ def test_unknown_names_list_the_known_ones(bad: object) -> None:
         assert name in message
 
 
-def _run(code: str, protocol: str | None) -> subprocess.CompletedProcess:
+def _run(code: str, protocol: str | None, *, module: str | None = None
+         ) -> subprocess.CompletedProcess:
+    """Python running `code` (or `-m module --help`) with only `protocol` in the environment."""
     env = {k: v for k, v in os.environ.items() if k != revisions.ENV_VAR}
     if protocol is not None:
         env[revisions.ENV_VAR] = protocol
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    argv = ["-m", module, "--help"] if module is not None else ["-c", code]
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
 
 
 @pytest.mark.parametrize("protocol, expected", [
@@ -67,9 +70,9 @@ def test_environment_variable_selects_the_process_revision(protocol: str | None,
     assert result.stdout.split("\n")[0] == expected
 
 
-def test_bad_environment_value_is_one_line_in_the_cli() -> None:
-    result = _run("import sys; from soma_models.launch import main; sys.exit(main(['--help']))",
-                  "0.9")
+@pytest.mark.parametrize("module", ["soma_models", "soma_models.train"])
+def test_bad_environment_value_is_one_line_in_the_cli(module: str) -> None:
+    result = _run("", "0.9", module=module)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr

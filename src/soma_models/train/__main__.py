@@ -2,7 +2,7 @@
 
 import sys
 
-from soma_models.train.cli import main
+from soma_models.launch import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())
