@@ -437,6 +437,22 @@ def nan_loss_message(losses: Sequence[float], names: Sequence[str] | None = None
     return f"NaN loss for {label}: {rule}"
 
 
+def pair_keys(weights_list: Sequence[object], keys: Sequence[object | None] | None,
+              caller: str, noun: str) -> tuple[list[object], list[object | None]]:
+    """The weights as a list and one decryption key (or None) for each of them.
+
+    `caller` and `noun` name the function and what it calls the weights in the errors.
+    """
+    weights_list = list(weights_list)
+    if not weights_list:
+        raise ValueError(f"{caller} got no {noun}: give at least one")
+    keys = [None] * len(weights_list) if keys is None else list(keys)
+    if len(keys) != len(weights_list):
+        raise ValueError(f"got {len(keys)} keys for {len(weights_list)} {noun}; give one per "
+                         f"{noun} (None for an unencrypted one)")
+    return weights_list, keys
+
+
 def compete(weights_list: Sequence[object], data: object, seed: int,
             target: object | None = None, keys: Sequence[object | None] | None = None, *,
             model_config: ModelConfig | None = None, sig_reg_config: SIGRegConfig | None = None,
@@ -459,13 +475,7 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
     max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
     batch_size = revision.batch_size if batch_size is None else batch_size
     sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
-    weights_list = list(weights_list)
-    if not weights_list:
-        raise ValueError("compete needs at least one weights file")
-    keys = [None] * len(weights_list) if keys is None else list(keys)
-    if len(keys) != len(weights_list):
-        raise ValueError(f"got {len(keys)} keys for {len(weights_list)} weights; give one per "
-                         "weights (None for unencrypted)")
+    weights_list, keys = pair_keys(weights_list, keys, "compete", "weights")
     seed = check_seed(seed)
     if isinstance(data, mmap.mmap):
         data = memoryview(data)

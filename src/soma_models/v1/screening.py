@@ -46,6 +46,7 @@ from soma_models.v1.scoring import (
     cosine_distance,
     load_backend,
     nan_loss_message,
+    pair_keys,
     pick_winner,
     resolve_micro_batch_size,
 )
@@ -220,13 +221,7 @@ class Screener:
                  batch_size: int | None = None, framework: str = "torch",
                  device: object = None, micro_batch_size: int | str | None = None,
                  threshold: float | None = None):
-        weights_list = list(weights_list)
-        if not weights_list:
-            raise ValueError("screening needs at least one model")
-        keys = [None] * len(weights_list) if keys is None else list(keys)
-        if len(keys) != len(weights_list):
-            raise ValueError(f"got {len(keys)} keys for {len(weights_list)} models; give one "
-                             "per model (None for an unencrypted one)")
+        weights_list, keys = pair_keys(weights_list, keys, "screening", "models")
         revision = resolve(protocol)
         self.revision = revision
         self.seed = check_seed(seed)
