@@ -31,6 +31,30 @@ from pathlib import Path
 import numpy as np
 
 
+def forward_gflop(config, seq_len: int, slices: int) -> float:
+    """GFLOP of one row's scoring forward: the linear layers and the head (2 per weight and
+    position), causal attention (QK^T and AV over half the S x S square: 2 S^2 D per
+    layer) and SIGReg's projection (2 D slices per position). The cos/sin and the
+    element-wise work are not counted, so this is a lower bound."""
+    d, h = config.embedding_dim, config.pwff_hidden_dim
+    linear = config.num_layers * (4 * d * d + 2 * d * h) + d * config.vocab_size
+    per_position = 2 * linear + 2 * d * slices
+    attention = config.num_layers * 2 * seq_len * seq_len * d
+    return (seq_len * per_position + attention) / 1e9
+
+
+def matmul_gflops(torch) -> float:
+    """Best of three float32 2048^3 matmuls, in this process."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best / 1e9
+
+
 def clocks() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return time.perf_counter(), usage.ru_utime + usage.ru_stime
@@ -112,6 +136,17 @@ def main() -> None:
     loop, scr = totals["loop"], totals["screen"]
     print(f"screen / compete loop: {loop[0] / scr[0]:.2f}x samples/s (wall), "
           f"{loop[1] / scr[1]:.2f}x (CPU time); losses and winners agree")
+    # The ceiling of any exact speed-up: every sample's rows must go through every model,
+    # so even a forward pass running entirely at the machine's matmul rate needs this long.
+    rows = int(sum(-(-int(n) // 1024) for n in sizes))
+    gflop = 3 * rows * forward_gflop(config, 1024, 256)
+    rate = matmul_gflops(torch)
+    floor = gflop / rate
+    print(f"compute floor: {rows} rows x 3 models = {gflop / 1e3:.2f} TFLOP of forward "
+          f"passes; at this process's 2048^3 matmul rate ({rate:.0f} GFLOP/s) that is "
+          f"{floor:.1f} s, so no exact screening can beat the loop by more than "
+          f"{loop[0] / floor:.2f}x here (screen reached {gflop / scr[0]:.0f} GFLOP/s, "
+          f"{gflop / scr[0] / rate:.0%} of the matmul rate)")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,29 @@ def test_micro_batches_do_not_change_the_result(micro):
     np.testing.assert_allclose(split.embedding, whole.embedding, rtol=1e-6, atol=1e-7)
 
 
+def test_auto_micro_batches_are_sized_for_the_device():
+    from soma_models.v1.configs import PRESETS
+    from soma_models.v1.scoring import (
+        AUTO_PIECE_BYTES, AUTO_PIECE_BYTES_CPU, AUTO_ROWS_CPU, auto_micro_batch_size)
+
+    low, high = AUTO_ROWS_CPU
+    for name, config in PRESETS.items():
+        per_row = 1024 * 4 * (config.pwff_hidden_dim + 6 * config.embedding_dim
+                              + config.vocab_size)
+        accelerator = auto_micro_batch_size(config, 1024)
+        cpu = auto_micro_batch_size(config, 1024, on_cpu=True)
+        assert accelerator == max(1, AUTO_PIECE_BYTES // per_row), name
+        assert low <= cpu <= high, name
+        # Inside the clamp, a CPU piece stays within its cache-sized budget.
+        assert cpu == low or cpu * per_row <= AUTO_PIECE_BYTES_CPU, name
+    # The full-width V1 (85 MB of activations per row) gets the CPU minimum of 2 rows and
+    # about 25 rows on an accelerator; an explicit budget wins over both.
+    v1 = PRESETS["v1"]
+    assert auto_micro_batch_size(v1, 1024, on_cpu=True) == low
+    assert auto_micro_batch_size(v1, 1024) == 25
+    assert auto_micro_batch_size(v1, 1024, 1, on_cpu=True) == 1
+
+
 def test_weights_given_every_way_score_the_same(tmp_path):
     import torch
 

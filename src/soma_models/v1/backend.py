@@ -55,6 +55,7 @@ class ScoringBackend(Protocol):
     """What a framework provides to the drivers: a loaded model that computes raw terms."""
 
     config: ModelConfig
+    on_cpu: bool          # sizes "auto" micro-batches (scoring.auto_micro_batch_size)
 
     def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
                     noises: Sequence[np.ndarray]) -> PieceTerms:

@@ -56,8 +56,13 @@ FRAMEWORKS = ("torch", "flax")
 MAX_RANGE_BATCHES = 1024
 # Noise arrays kept for reuse (ranges and competitions revisit slots) up to this many bytes.
 NOISE_CACHE_BYTES = 1 << 30
-# "auto" micro-batches keep one piece's activations around this size.
+# "auto" micro-batches. On an accelerator, one piece's float32 activations stay near
+# AUTO_PIECE_BYTES: few large passes keep the device busy. On a CPU, large passes only
+# stream activations through main memory; pieces of ~32 MiB, clamped to 2-4 rows, were
+# fastest from `tiny` to one full-width V1 layer (benchmarks/README.md, "Screening").
 AUTO_PIECE_BYTES = 2 << 30
+AUTO_PIECE_BYTES_CPU = 32 << 20
+AUTO_ROWS_CPU = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -224,22 +229,29 @@ def _data_length(data: object) -> int:
 
 
 def auto_micro_batch_size(config: ModelConfig, max_seq_len: int,
-                          budget_bytes: int = AUTO_PIECE_BYTES) -> int:
-    """Rows per piece so that one piece's float32 activations stay near `budget_bytes`.
+                          budget_bytes: int | None = None, *, on_cpu: bool = False) -> int:
+    """Rows per piece so that one piece's float32 activations stay near `budget_bytes`
+    (default: AUTO_PIECE_BYTES, or AUTO_PIECE_BYTES_CPU clamped to AUTO_ROWS_CPU on a CPU).
 
     Per row we count the feed-forward hidden layer, a handful of `[S, D]` tensors and the
     logits: `S * 4 * (hidden + 6 D + vocab)` bytes.
     """
     per_row = max_seq_len * 4 * (config.pwff_hidden_dim + 6 * config.embedding_dim
                                  + config.vocab_size)
-    return max(1, budget_bytes // per_row)
+    if budget_bytes is not None:
+        return max(1, budget_bytes // per_row)
+    if on_cpu:
+        low, high = AUTO_ROWS_CPU
+        return min(high, max(low, AUTO_PIECE_BYTES_CPU // per_row))
+    return max(1, AUTO_PIECE_BYTES // per_row)
 
 
 def resolve_micro_batch_size(micro_batch_size: int | str | None, config: ModelConfig,
-                             max_seq_len: int, default: int) -> int:
-    """Rows per forward pass: a positive int as given, "auto" (bounded memory), None: `default`."""
+                             max_seq_len: int, default: int, *, on_cpu: bool = False) -> int:
+    """Rows per forward pass: a positive int as given, "auto" (bounded memory, sized for
+    the device), None: `default`."""
     if micro_batch_size == "auto":
-        return auto_micro_batch_size(config, max_seq_len)
+        return auto_micro_batch_size(config, max_seq_len, on_cpu=on_cpu)
     if micro_batch_size is None:
         return default
     if isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) \
@@ -334,7 +346,8 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
     if batch_order_range and n_batches > MAX_RANGE_BATCHES:
         raise ValueError(f"batch-order range needs ~3n^2/4 SIGReg evaluations; refusing "
                          f"{n_batches} batches (limit {MAX_RANGE_BATCHES})")
-    rows_per_piece = resolve_micro_batch_size(micro_batch_size, config, max_seq_len, batch_size)
+    rows_per_piece = resolve_micro_batch_size(micro_batch_size, config, max_seq_len, batch_size,
+                                              on_cpu=backend.on_cpu)
     if noise is None or noise.seed != seed:
         noise = NoiseSource(seed)
     slots = feasible_slots(n_batches) if batch_order_range else None

@@ -208,8 +208,9 @@ class Screener:
     protocol: the revision whose contract and SIGReg to use (None: the process-wide one);
         `max_seq_len`, `batch_size`, `sig_reg_config` override it (experiments, tests).
     micro_batch_size: rows per forward pass (None: the revision's batch size; "auto":
-        about 2 GiB of activations per pass). Memory only: results do not depend on it
-        beyond float32 summation order.
+        about 2 GiB of activations per pass on an accelerator, 2-4 cache-sized rows on a
+        CPU). Memory and speed only: results do not depend on it beyond float32
+        summation order.
     threshold: a sample is a hit when its nearest distance is below this.
     device, framework: as for `compete`; scoring always runs in float32 with TF32 off.
     """
@@ -250,8 +251,9 @@ class Screener:
         # The pass holds this many rows; the largest model sets the memory bound.
         widest = max((b.config for b in self.backends),
                      key=lambda c: c.pwff_hidden_dim + 6 * c.embedding_dim + c.vocab_size)
-        self.rows_per_pass = resolve_micro_batch_size(micro_batch_size, widest,
-                                                      self.max_seq_len, self.batch_size)
+        self.rows_per_pass = resolve_micro_batch_size(
+            micro_batch_size, widest, self.max_seq_len, self.batch_size,
+            on_cpu=self.backends[0].on_cpu)
         self.noise = NoiseSource(self.seed)
 
     def _check_dims(self, weights: object, dim: int) -> None:

@@ -62,6 +62,7 @@ class FlaxBackend:
         self.model = model
         self.config: ModelConfig = model.config
         self.sig_reg_config = sig_reg_config
+        self.on_cpu = jax.default_backend() == "cpu"
 
     @classmethod
     def open(cls, source: object, *, model_config: ModelConfig | None,

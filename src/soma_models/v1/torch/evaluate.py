@@ -55,6 +55,7 @@ class TorchBackend:
         self.config: ModelConfig = model.config
         self.sig_reg_config = sig_reg_config
         self.device = model.embedding.weight.device
+        self.on_cpu = self.device.type == "cpu"
 
     @classmethod
     def open(cls, source: object, *, model_config: ModelConfig | None,
