@@ -144,7 +144,11 @@ def test_micro_batches_do_not_change_the_result(micro):
 def test_auto_micro_batches_are_sized_for_the_device():
     from soma_models.v1.configs import PRESETS
     from soma_models.v1.scoring import (
-        AUTO_PIECE_BYTES, AUTO_PIECE_BYTES_CPU, AUTO_ROWS_CPU, auto_micro_batch_size)
+        AUTO_PIECE_BYTES,
+        AUTO_PIECE_BYTES_CPU,
+        AUTO_ROWS_CPU,
+        auto_micro_batch_size,
+    )
 
     low, high = AUTO_ROWS_CPU
     for name, config in PRESETS.items():
