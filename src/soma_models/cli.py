@@ -441,7 +441,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     manifest = publish(args.weights, data, args.output, key=_key_arg(args.key),
                        protocol=revision, framework=args.framework, device=args.device,
                        micro_batch_size=args.micro_batch_size,
-                       progress=not args.quiet and sys.stderr.isatty())
+                       progress=not args.quiet and sys.stderr.isatty(),
+                       any_width=args.any_width)
     if args.json:
         _print_json(manifest.to_dict())
         return 0
@@ -621,6 +622,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, type=device,
                    help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto")
+    p.add_argument("--any-width", action="store_true",
+                   help="publish weights that are not the network's V1 width, for a local "
+                        "test (the runtime rejects them)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_protocol(p, "to publish for (scoring settings, Base58 or hex)")

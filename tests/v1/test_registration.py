@@ -13,6 +13,7 @@ import time
 import base58
 import numpy as np
 import pytest
+from tests.test_cli import assert_one_line_error
 
 from soma_models.cli import main
 from soma_models.v1 import publish
@@ -22,6 +23,8 @@ from soma_models.v1.registration import MANIFEST_NAME, PublishError, read_manife
 from soma_models.v1.scoring import score
 from soma_models.v1.transit import decrypt_file, embedding_bcs
 
+# The files here are narrow (published with any_width=True); that warning is tested once.
+pytestmark = pytest.mark.filterwarnings("ignore:.*not the network's V1 width:UserWarning")
 TINY = ModelConfig(embedding_dim=32, num_heads=2, num_layers=1, pwff_hidden_dim=64)
 
 
@@ -46,7 +49,7 @@ def blake(data: bytes) -> bytes:
 def test_publish_round_trip(inputs, tmp_path, protocol, encode):
     weights, data = inputs
     out = tmp_path / "release"
-    manifest = publish(weights, data.read_bytes(), out, protocol=protocol)
+    manifest = publish(weights, data.read_bytes(), out, protocol=protocol, any_width=True)
     doc = read_manifest(out)
     assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, doc["weights_file"]])
     assert doc == json.loads((out / MANIFEST_NAME).read_text()) == manifest.to_dict()
@@ -74,14 +77,14 @@ def test_publish_round_trip(inputs, tmp_path, protocol, encode):
 def test_publish_with_a_given_key_in_any_form(inputs, tmp_path):
     weights, data = inputs
     raw = bytes(range(32))
-    a = publish(weights, data.read_bytes(), tmp_path / "a", key=raw.hex())
-    b = publish(weights, data.read_bytes(), tmp_path / "b",
+    a = publish(weights, data.read_bytes(), tmp_path / "a", key=raw.hex(), any_width=True)
+    b = publish(weights, data.read_bytes(), tmp_path / "b", any_width=True,
                 key=base58.b58encode(raw).decode())
     assert a.decryption_key == b.decryption_key == base58.b58encode(raw).decode()
     assert a.checksum == b.checksum
     # A fresh key each time otherwise.
-    c = publish(weights, data.read_bytes(), tmp_path / "c")
-    d = publish(weights, data.read_bytes(), tmp_path / "d")
+    c = publish(weights, data.read_bytes(), tmp_path / "c", any_width=True)
+    d = publish(weights, data.read_bytes(), tmp_path / "d", any_width=True)
     assert c.decryption_key != d.decryption_key and c.checksum != d.checksum
 
 
@@ -91,31 +94,48 @@ def test_publish_refusals_leave_nothing(inputs, tmp_path):
     busy.mkdir()
     (busy / "x").write_text("keep me")
     with pytest.raises(PublishError, match="not an empty folder"):
-        publish(weights, data.read_bytes(), busy)
+        publish(weights, data.read_bytes(), busy, any_width=True)
     assert os.listdir(busy) == ["x"]
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(PublishError, match="not publishable"):
-        publish(damaged, data.read_bytes(), tmp_path / "out")
+        publish(damaged, data.read_bytes(), tmp_path / "out", any_width=True)
     with pytest.raises(PublishError, match="empty"):
-        publish(weights, b"", tmp_path / "out")
+        publish(weights, b"", tmp_path / "out", any_width=True)
     assert sorted(os.listdir(tmp_path)) == ["busy", "damaged.safetensors"]
     # An empty folder is fine: it is replaced whole.
     empty = tmp_path / "empty"
     empty.mkdir()
-    publish(weights, data.read_bytes(), empty)
+    publish(weights, data.read_bytes(), empty, any_width=True)
     assert MANIFEST_NAME in os.listdir(empty)
+
+
+def test_weights_of_another_width_are_refused_unless_asked(inputs, tmp_path, capsys):
+    """The runtime's sizes are compiled in (SPEC §4): a registration of any other width
+    would be rejected on chain, so publish refuses it unless told it is a local test."""
+    weights, data = inputs
+    with pytest.raises(PublishError, match=r"embedding_dim 32, pwff_hidden_dim 64, vocab_size "
+                                           r"264, where the network's V1 has 2048, 8192, 264"):
+        publish(weights, data.read_bytes(), tmp_path / "out")
+    assert main(["publish", str(weights), "--data", str(data), "-o", str(tmp_path / "cli"),
+                 "--quiet"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "not publishable", "--any-width")
+    assert sorted(os.listdir(tmp_path)) == []
+    with pytest.warns(UserWarning, match="not the network's V1 width"):
+        publish(weights, data.read_bytes(), tmp_path / "out", any_width=True)
 
 
 def test_publish_cli(inputs, tmp_path, capsys):
     weights, data = inputs
     out = tmp_path / "cli"
     assert main(["publish", str(weights), "--data", str(data), "-o", str(out), "--json",
+                 "--any-width",
                  "--protocol", "0.1.1"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc == read_manifest(out) and doc["protocol"] == "0.1.1"
     assert len(doc["decryption_key"]) == 64
-    assert main(["publish", str(weights), "--data", str(data), "-o", str(tmp_path / "h")]) == 0
+    assert main(["publish", str(weights), "--data", str(data), "-o", str(tmp_path / "h"),
+                 "--any-width"]) == 0
     text = capsys.readouterr().out
     assert "protocol   0.1.7" in text and "checksum" in text
     with pytest.raises(SystemExit):
@@ -135,7 +155,7 @@ def test_killed_publish_leaves_no_partial_folder_and_no_litter(tmp_path, signum)
     out = tmp_path / "release"
     before = set(os.listdir(tmp_path))
     process = subprocess.Popen([sys.executable, "-m", "soma_models", "publish", str(weights),
-                                "--data", str(data), "-o", str(out), "--quiet"],
+                                "--data", str(data), "-o", str(out), "--quiet", "--any-width"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     caught = False
     deadline = time.monotonic() + 300

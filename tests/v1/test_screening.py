@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.test_cli import assert_one_line_error
 from tests.v1.test_scoring import data_of, random_weights
 
 from soma_models.cli import main
@@ -147,14 +148,6 @@ def screen_cli(folder, *extra):
     return main(["screen", "--models", *(str(folder / f"m{i}.safetensors") for i in range(3)),
                  "--targets", str(folder / "targets.npy"), "--protocol", PROTOCOL,
                  "--quiet", *extra])
-
-
-def assert_one_line_error(stderr: str, *fragments: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("soma-models: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_screen_with_protocol_and_resume(cli_files, weights, targets, capsys, tmp_path):

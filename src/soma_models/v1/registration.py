@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from soma_models.v1.configs import V1_EMBEDDING_DIM, V1_PWFF_HIDDEN_DIM, V1_VOCAB_SIZE
 from soma_models.v1.revisions import ARCHITECTURE_VERSION, Revision, resolve
 from soma_models.v1.transit import (
     CHUNK_BYTES,
@@ -207,7 +208,8 @@ def _check_output(output: Path) -> None:
 def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathLike, *,
             key: KeyLike | None = None, protocol: str | Revision | None = None,
             framework: str = "torch", device: object = None,
-            micro_batch_size: int | str | None = "auto", progress: bool = False) -> Manifest:
+            micro_batch_size: int | str | None = "auto", progress: bool = False,
+            any_width: bool = False) -> Manifest:
     """Validate, embed and encrypt `weights` for registration; write `output_dir/`.
 
     weights: a plain (unencrypted) safetensors file.
@@ -220,6 +222,9 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
     protocol: the revision ("0.1.7", "0.1.1"; None: the process-wide one). It decides the
         scoring settings of the embedding and the text encoding of keys and hashes.
     framework, device, micro_batch_size, progress: as for `score`.
+    any_width: publish a file whose sizes are not the network's V1 width (local tests).
+        Without it such a file is refused: the runtime's sizes are compiled in and it
+        rejects any tensor of another shape (SPEC §4), so the registration would be lost.
     Returns the `Manifest` written to `output_dir/manifest.json`.
     """
     from soma_models.v1.scoring import score
@@ -243,6 +248,19 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
     if report.non_finite:
         raise PublishError(f"{source}: not publishable: {report.non_finite} NaN/Inf value(s) "
                            "(the runtime would score it NaN)")
+    if not report.network_width:
+        config = report.config
+        found = (f"embedding_dim {config.embedding_dim}, pwff_hidden_dim "
+                 f"{config.pwff_hidden_dim}, vocab_size {config.vocab_size}")
+        if not any_width:
+            raise PublishError(
+                f"{source}: not publishable: {found}, where the network's V1 has "
+                f"{V1_EMBEDDING_DIM}, {V1_PWFF_HIDDEN_DIM}, {V1_VOCAB_SIZE} and its runtime "
+                "rejects every other shape; pass any_width=True (--any-width) to publish "
+                "it for a local test")
+        warnings.warn(f"{source}: {found} is not the network's V1 width: published for a "
+                      "local test only (the runtime would reject it)", UserWarning,
+                      stacklevel=2)
     for caveat in report.caveats:  # accepted by the runtime, but worth a line
         warnings.warn(f"{source}: {caveat}", UserWarning, stacklevel=2)
     embedding = score(source, data_view, EMBEDDING_SEED, protocol=revision,
