@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from soma_models.v1.schema import (
     read_tensors,
     read_weights,
 )
+from soma_models.v1.serde import ModuleSerde
 
 if TYPE_CHECKING:
     from soma_models.v1.flax.modules.model import Model
@@ -196,18 +197,14 @@ def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
 M = TypeVar("M", bound=nnx.Module)
 
 
-class Serde(Generic[M]):
-    """Canonical safetensors for `module` (a `Model`, or any block of one: `Encoder`,
-    `Layer`, `MultiHeadAttention`, ...), keys relative to that module.
-
-    `deserialize` writes the file's tensors into `module` in place and returns it; every
-    missing key, shape or dtype problem is reported at once and nothing is written then.
-    """
+class Serde(ModuleSerde[M]):
+    """`ModuleSerde` over a Flax NNX module: canonical safetensors for a `Model` or any
+    block of one (`Encoder`, `Layer`, `MultiHeadAttention`, ...)."""
 
     def __init__(self, module: M):
         if not isinstance(module, nnx.Module):
             raise TypeError(f"Serde needs a flax.nnx.Module, got {type(module).__name__}")
-        self.module = module
+        super().__init__(module)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         out = {}
@@ -215,22 +212,6 @@ class Serde(Generic[M]):
             value = np.asarray(jax.device_get(variable.get_value()))
             out[key] = value.astype(np.float32, copy=False).reshape(shape)
         return out
-
-    def _metadata(self) -> dict[str, str] | None:
-        config = getattr(self.module, "config", None)
-        return file_metadata(config) if isinstance(config, ModelConfig) else None
-
-    def serialize(self) -> bytes:
-        return _to_bytes(self._arrays(), self._metadata())
-
-    def serialize_to_file(self, filename: str | os.PathLike) -> None:
-        save_file(filename, self._arrays(), self._metadata())
-
-    def deserialize(self, data: bytes | bytearray | memoryview) -> M:
-        return self._read(data)
-
-    def deserialize_from_file(self, filename: str | os.PathLike) -> M:
-        return self._read(filename)
 
     def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
         variables = _canonical_variables(self.module)

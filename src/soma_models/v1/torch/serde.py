@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from soma_models.v1.schema import (
     read_tensors,
     read_weights,
 )
+from soma_models.v1.serde import ModuleSerde
 
 if TYPE_CHECKING:
     from soma_models.v1.torch.modules.model import Model
@@ -183,18 +184,14 @@ def _canonical_names(module: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
 M = TypeVar("M", bound=nn.Module)
 
 
-class Serde(Generic[M]):
-    """Canonical safetensors for `module` (a `Model`, or any block of one: `Encoder`,
-    `Layer`, `MultiHeadAttention`, ...), keys relative to that module.
-
-    `deserialize` writes the file's tensors into `module` in place and returns it; every
-    missing key, shape or dtype problem is reported at once and nothing is written then.
-    """
+class Serde(ModuleSerde[M]):
+    """`ModuleSerde` over a torch module: canonical safetensors for a `Model` or any
+    block of one (`Encoder`, `Layer`, `MultiHeadAttention`, ...)."""
 
     def __init__(self, module: M):
         if not isinstance(module, nn.Module):
             raise TypeError(f"Serde needs a torch.nn.Module, got {type(module).__name__}")
-        self.module = module
+        super().__init__(module)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         if isinstance(getattr(self.module, "config", None), ModelConfig) and hasattr(
@@ -205,22 +202,6 @@ class Serde(Generic[M]):
             arr = param.detach().to("cpu", torch.float32).numpy()
             out[key] = arr.T if transposed else arr
         return out
-
-    def _metadata(self) -> dict[str, str] | None:
-        config = getattr(self.module, "config", None)
-        return file_metadata(config) if isinstance(config, ModelConfig) else None
-
-    def serialize(self) -> bytes:
-        return _to_bytes(self._arrays(), self._metadata())
-
-    def serialize_to_file(self, filename: str | os.PathLike) -> None:
-        save_file(filename, self._arrays(), self._metadata())
-
-    def deserialize(self, data: bytes | bytearray | memoryview) -> M:
-        return self._read(data)
-
-    def deserialize_from_file(self, filename: str | os.PathLike) -> M:
-        return self._read(filename)
 
     def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
         names = _canonical_names(self.module)

@@ -1,0 +1,70 @@
+"""The framework-free `ModuleSerde`: file format and metadata, whatever the framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from soma_models.errors import WeightsError
+from soma_models.safetensors_io import SafetensorsFile
+from soma_models.v1.configs import ModelConfig
+from soma_models.v1.schema import METADATA_HEADS_KEY, read_tensors
+from soma_models.v1.serde import ModuleSerde
+
+
+@dataclass
+class Block:
+    """A stand-in module: its parameters are canonical arrays already."""
+
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    config: object = None
+
+
+class ArraySerde(ModuleSerde[Block]):
+    def _arrays(self):
+        return dict(self.module.params)
+
+    def _read(self, source):
+        expected = {k: v.shape for k, v in self.module.params.items()}
+        arrays, _ = read_tensors(source, expected)
+        self.module.params.update(arrays)
+        return self.module
+
+
+def block(seed: int, config: object = None) -> Block:
+    rng = np.random.default_rng(seed)
+    return Block({"norm.gamma": rng.standard_normal(4).astype(np.float32),
+                  "linear.weight": rng.standard_normal((4, 3)).astype(np.float32)}, config)
+
+
+def test_round_trip_through_bytes_and_files(tmp_path):
+    source, target = block(0), block(1)
+    assert ArraySerde(target).deserialize(ArraySerde(source).serialize()) is target
+    for key in source.params:
+        np.testing.assert_array_equal(target.params[key], source.params[key])
+    path = tmp_path / "block.safetensors"
+    ArraySerde(block(2)).serialize_to_file(path)
+    ArraySerde(target).deserialize_from_file(path)
+    np.testing.assert_array_equal(target.params["norm.gamma"], block(2).params["norm.gamma"])
+
+
+def test_metadata_only_for_a_whole_model(tmp_path):
+    # A block's file carries no metadata; a module holding a ModelConfig records its heads.
+    plain, configured = tmp_path / "plain.safetensors", tmp_path / "model.safetensors"
+    ArraySerde(block(0)).serialize_to_file(plain)
+    ArraySerde(block(0, ModelConfig(embedding_dim=4, num_heads=2))).serialize_to_file(configured)
+    assert not SafetensorsFile(plain).metadata
+    assert SafetensorsFile(configured).metadata[METADATA_HEADS_KEY] == "2"
+
+
+def test_a_wrong_shape_is_refused_and_nothing_is_written():
+    other = block(0)
+    other.params["linear.weight"] = np.zeros((3, 4), np.float32)
+    target = block(1)
+    before = {k: v.copy() for k, v in target.params.items()}
+    with pytest.raises(WeightsError, match="linear.weight"):
+        ArraySerde(target).deserialize(ArraySerde(other).serialize())
+    for key, value in before.items():
+        np.testing.assert_array_equal(target.params[key], value)
