@@ -187,6 +187,18 @@ def _add_protocol(p: argparse.ArgumentParser, what: str) -> None:
                         "$SOMA_MODELS_PROTOCOL, else 0.1.7")
 
 
+def _add_scoring_options(p: argparse.ArgumentParser, pass_rows: str = "rows per forward pass"
+                         ) -> None:
+    """--framework, --device and --micro-batch-size: how a scoring run computes."""
+    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
+    p.add_argument("--device", default=None, type=device,
+                   help="torch device, e.g. cuda (default: cpu); scoring runs in float32 "
+                        "with TF32 off")
+    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto",
+                   help=f"{pass_rows}; bounds memory, not the result (default auto: about "
+                        "2 GiB of activations on an accelerator, 2-4 rows on a CPU)")
+
+
 # --------------------------------------------------------------------------- score
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -484,12 +496,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--key", action="append", metavar="KEY",
                    help="AES-256-CTR key (Base58, or 64 hex) of an encrypted file; repeat once "
                         "per file, in order ('none' for an unencrypted one)")
-    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
-    p.add_argument("--device", default=None, type=device,
-                   help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto",
-                   help="rows per forward pass; bounds memory, not the result (default auto: "
-                        "about 2 GiB of activations on an accelerator, 2-4 rows on a CPU)")
+    _add_scoring_options(p)
     p.add_argument("--range", action="store_true",
                    help="also report the loss range over the chain loader's batch orders")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -527,13 +534,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_protocol(p, "to screen under (contract, SIGReg slices, key format)")
     p.add_argument("--embeddings", action="store_true",
                    help="also write the winner's embedding")
-    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto",
-                   help="rows per forward pass, across samples; bounds memory, not the result "
-                        "(default auto: about 2 GiB of activations on an accelerator, 2-4 rows "
-                        "on a CPU)")
-    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
-    p.add_argument("--device", default=None, type=device,
-                   help="torch device, e.g. cuda (default: cpu); float32, TF32 off")
+    _add_scoring_options(p, "rows per forward pass, across samples")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)
 
@@ -618,10 +619,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                 "fresh random one)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="output folder; must not exist yet (or be empty)")
-    p.add_argument("--framework", choices=("torch", "flax"), default="torch")
-    p.add_argument("--device", default=None, type=device,
-                   help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--micro-batch-size", type=micro_batch, default="auto", metavar="N|auto")
+    _add_scoring_options(p)
     p.add_argument("--any-width", action="store_true",
                    help="publish weights that are not the network's V1 width, for a local "
                         "test (the runtime rejects them)")
