@@ -525,7 +525,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--targets", required=True, type=input_file,
                    help="target embeddings: .npy [n, D] or a JSON list of lists")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="sample files and folders (folders are walked recursively)")
+                   help="sample files and folders (folders are walked recursively); each "
+                        "sample is 1 byte to 1 MiB, the network's limit on submitted data")
     p.add_argument("--seed", type=seed, default=0, help="u64 scoring seed (the chain uses 0)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a sample is a hit when its nearest target distance is below this")

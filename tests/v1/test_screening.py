@@ -99,8 +99,24 @@ def test_wrong_target_dimension_is_refused(weights):
 def test_empty_sample_is_refused(weights, targets):
     screener = Screener(weights, targets, model_config=CONFIG, sig_reg_config=SIG_REG,
                         max_seq_len=SEQ, batch_size=BATCH)
-    with pytest.raises(ValueError, match="^empty.bin: data is empty"):
+    with pytest.raises(ValueError, match="^empty.bin: sample is empty"):
         list(screener.screen([("empty.bin", b"")]))
+
+
+def test_a_sample_over_the_submission_limit_is_refused_unless_unlimited(weights, targets):
+    sizes = {"model_config": CONFIG, "sig_reg_config": SIG_REG, "max_seq_len": SEQ,
+             "batch_size": BATCH}
+    over = bytes(1_048_577)
+    with pytest.raises(ValueError, match=r"^big.bin: 1,048,577 bytes, over the network's "
+                                         r"limit of 1,048,576 bytes"):
+        list(Screener(weights, targets, **sizes).screen([("big.bin", over)]))
+    # A lower limit, or none: the sample is screened as compete scores it.
+    with pytest.raises(ValueError, match="over the network's limit of 64 bytes"):
+        list(Screener(weights, targets, max_sample_bytes=64, **sizes).screen(
+            [("s", data_of(65))]))
+    [result] = Screener(weights, targets, max_sample_bytes=None, **sizes).screen(
+        [("s", data_of(65))])
+    assert_equals_compete(result, weights, data_of(65), targets, **sizes)
 
 
 def test_load_targets(tmp_path):
@@ -211,6 +227,13 @@ def test_cli_empty_sample(cli_files, tmp_path, capsys):
     (tmp_path / "empty.bin").write_bytes(b"")
     assert screen_cli(cli_files, "--data", str(tmp_path)) == 1
     assert_one_line_error(capsys.readouterr().err, "empty.bin: sample is empty")
+
+
+def test_cli_sample_over_the_submission_limit(cli_files, tmp_path, capsys):
+    (tmp_path / "big.bin").write_bytes(bytes(1_048_577))
+    assert screen_cli(cli_files, "--data", str(tmp_path)) == 1
+    assert_one_line_error(capsys.readouterr().err, "big.bin: 1,048,577 bytes",
+                          "limit of 1,048,576 bytes")
 
 
 def test_cli_wrong_key(cli_files, weights, tmp_path, capsys):

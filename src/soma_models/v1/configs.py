@@ -35,6 +35,9 @@ V1_SIG_REG_COEFFICIENT = _REVISION.sig_reg_coefficient
 V1_LAYER_NORM_EPS = 1e-5
 # The runtime *replaces* future attention scores by this value (SPEC §3.4).
 V1_MASK_FILL_VALUE = -1.0e4
+# Protocol configuration, not the runtime (which scores any length): data submitted to a
+# target is at most this many bytes, in both revisions (SPEC §1).
+V1_MAX_SUBMISSION_BYTES = 1_048_576
 # Smallest vocabulary that can hold the PAD and EOS ids the data contract emits.
 MIN_VOCAB_FOR_CONTRACT = V1_EOS_TOKEN_ID + 1
 

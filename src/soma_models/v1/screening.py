@@ -35,7 +35,7 @@ from typing import IO, Any, Self
 import numpy as np
 
 from soma_models.v1.backend import PieceTerms, ScoringBackend
-from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.configs import V1_MAX_SUBMISSION_BYTES, ModelConfig, SIGRegConfig
 from soma_models.v1.noise import check_seed
 from soma_models.v1.revisions import resolve
 from soma_models.v1.scoring import (
@@ -54,13 +54,24 @@ from soma_models.v1.tokenizer import iter_batches, num_batches
 
 # --------------------------------------------------------------------------- inputs
 
-def find_samples(paths: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
-                 ) -> list[str]:
+def check_sample_size(name: str, n_bytes: int, max_bytes: int | None) -> None:
+    """Refuse what the chain would: an empty sample (the runtime scores no empty data) and,
+    unless `max_bytes` is None, one over the network's limit on submitted data."""
+    if n_bytes == 0:
+        raise ValueError(f"{name}: sample is empty: the runtime refuses empty data "
+                         "('data loader produced no batches')")
+    if max_bytes is not None and n_bytes > max_bytes:
+        raise ValueError(f"{name}: {n_bytes:,} bytes, over the network's limit of "
+                         f"{max_bytes:,} bytes for submitted data: it cannot be submitted")
+
+
+def find_samples(paths: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = (),
+                 max_bytes: int | None = V1_MAX_SUBMISSION_BYTES) -> list[str]:
     """Every sample file under `paths` (files as given, folders walked recursively, in
     sorted order), without duplicates and without `exclude` (e.g. the output file).
 
-    Raises FileNotFoundError for a missing path and ValueError for an empty file (the
-    runtime refuses empty data) or when no sample is found.
+    Raises FileNotFoundError for a missing path, and ValueError when no sample is found or
+    a file cannot be a submission (`check_sample_size`), before any work.
     """
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[str] = []
@@ -71,9 +82,7 @@ def find_samples(paths: Sequence[str | os.PathLike], exclude: Sequence[str | os.
         if real in excluded or real in seen:
             return
         seen.add(real)
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: sample is empty: the runtime refuses empty data "
-                             "('data loader produced no batches')")
+        check_sample_size(path, os.path.getsize(path), max_bytes)
         found.append(path)
 
     for given in paths:
@@ -124,9 +133,7 @@ def load_targets(path: str | os.PathLike) -> np.ndarray:
 def read_sample(path: str) -> memoryview:
     """The sample's bytes, memory-mapped read-only (large samples are not copied)."""
     with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise ValueError(f"{path}: sample is empty: the runtime refuses empty data "
-                             "('data loader produced no batches')")
+        check_sample_size(path, os.fstat(fh.fileno()).st_size, None)  # mmap needs a byte
         return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
 
 
@@ -212,6 +219,8 @@ class Screener:
         CPU). Memory and speed only: results do not depend on it beyond float32
         summation order.
     threshold: a sample is a hit when its nearest distance is below this.
+    max_sample_bytes: samples over this many bytes are refused (default: the network's
+        limit on submitted data, 1 MiB); None screens any length.
     device, framework: as for `compete`; scoring always runs in float32 with TF32 off.
     """
 
@@ -221,7 +230,8 @@ class Screener:
                  sig_reg_config: SIGRegConfig | None = None, max_seq_len: int | None = None,
                  batch_size: int | None = None, framework: str = "torch",
                  device: object = None, micro_batch_size: int | str | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None,
+                 max_sample_bytes: int | None = V1_MAX_SUBMISSION_BYTES):
         weights_list, keys = pair_keys(weights_list, keys, "screening", "models")
         revision = resolve(protocol)
         self.revision = revision
@@ -237,6 +247,7 @@ class Screener:
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold}")
         self.threshold = threshold
+        self.max_sample_bytes = max_sample_bytes
         self.backends: list[ScoringBackend] = []
         self.names = [os.fspath(w) if isinstance(w, (str, os.PathLike)) else f"#{i}"
                       for i, w in enumerate(weights_list)]
@@ -298,11 +309,9 @@ class Screener:
         n_models = len(self.backends)
         for name, data in samples:
             n_bytes = memoryview(data).nbytes  # type: ignore[arg-type]
+            check_sample_size(name, n_bytes, self.max_sample_bytes)
             batches = iter_batches(data, self.max_seq_len, self.batch_size)  # type: ignore[arg-type]
-            try:
-                first = next(batches)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
+            first = next(batches)
             sample = _Open(name, n_bytes, num_batches(n_bytes, self.max_seq_len, self.batch_size),
                            n_models, self.embedding_dim)
             for k, batch in enumerate(_chain(first, batches)):
@@ -469,5 +478,5 @@ def screen_to_jsonl(screener: Screener, sample_paths: Sequence[str],
                    time.perf_counter() - start)
 
 
-__all__ = ["SampleResult", "Screener", "Summary", "find_samples", "finished_samples",
+__all__ = ["SampleResult", "Screener", "Summary", "check_sample_size", "find_samples", "finished_samples",
            "load_targets", "screen", "screen_to_jsonl"]
