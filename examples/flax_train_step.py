@@ -49,15 +49,15 @@ def make_training(config: ModelConfig, seed: int = 0, learning_rate: float = 3e-
     sig_reg = SIGReg(sig_reg_config or SIGRegConfig())
     optimizer = make_optimizer(learning_rate, weight_decay=0.01)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = jax.jit(functools.partial(train_step, graphdef, rest, sig_reg, optimizer))
-    return model, sig_reg, optimizer, params, step
+    step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
+    return model, sig_reg, optimizer, params, rest, step
 
 
 def train(config: ModelConfig, steps: int, seq_len: int, batch_size: int, seed: int = 0,
           data: bytes | None = None, sig_reg_config: SIGRegConfig | None = None,
           log: bool = True) -> list[float]:
-    model, sig_reg, optimizer, params, step = make_training(config, seed,
-                                                            sig_reg_config=sig_reg_config)
+    model, sig_reg, optimizer, params, rest, step = make_training(
+        config, seed, sig_reg_config=sig_reg_config)
     opt_state = optimizer.init(params)
     stream = batches(source_corpus() if data is None else data, seq_len, batch_size)
     key = jax.random.key(seed + 1)
@@ -67,12 +67,12 @@ def train(config: ModelConfig, steps: int, seq_len: int, batch_size: int, seed: 
         # Fresh SIGReg noise every step, as in training on chain-like data.
         key, noise_key = jax.random.split(key)
         noise = jax.random.normal(noise_key, (config.embedding_dim, sig_reg.config.slices))
-        params, opt_state, loss = step(params, opt_state, batch.token_ids, batch.targets,
-                                       batch.pos_ids, noise)
+        params, rest, opt_state, loss = step(params, rest, opt_state, batch.token_ids,
+                                             batch.targets, batch.pos_ids, noise)
         losses.append(float(loss))
         if log:
             print(f"step {step_index:3d}  loss {losses[-1]:.4f}")
-    nnx.update(model, params)      # the trained weights, e.g. for model.save(...)
+    nnx.update(model, params, rest)    # the trained weights, e.g. for model.save(...)
     return losses
 
 

@@ -75,21 +75,22 @@ class ShardedTrainStep:
                  optimizer: optax.GradientTransformation | None = None):
         self.model = model
         self.mesh = mesh
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS, None))
         self.params = jax.device_put(params, self.replicated)
+        self.rest = jax.device_put(rest, self.replicated)    # dropout counters: advanced
         self.tx = optimizer or adamw_schedule(lr, warmup_steps, total_steps)
         self.opt_state = jax.device_put(self.tx.init(self.params), self.replicated)
         sig_reg = SIGReg(sig_reg_config or SIGRegConfig())
-        step = functools.partial(train_step, self.graphdef, self.rest, sig_reg, self.tx)
+        step = functools.partial(train_step, self.graphdef, sig_reg, self.tx)
 
         self._step = jax.jit(
             step,
-            in_shardings=(self.replicated, self.replicated, self.rows, self.rows, self.rows,
-                          self.replicated),
-            out_shardings=(self.replicated, self.replicated, self.replicated),
-            donate_argnums=(0, 1))
+            in_shardings=(self.replicated, self.replicated, self.replicated, self.rows,
+                          self.rows, self.rows, self.replicated),
+            out_shardings=(self.replicated,) * 4,
+            donate_argnums=(0, 1, 2))
 
     def __call__(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
                  noise: np.ndarray) -> float:
@@ -99,12 +100,13 @@ class ShardedTrainStep:
             raise ValueError(f"batch of {token_ids.shape[0]} rows cannot be split evenly over "
                              f"{devices} devices")
         put = lambda a, s: jax.device_put(jnp.asarray(a), s)
-        self.params, self.opt_state, loss = self._step(
-            self.params, self.opt_state, put(token_ids, self.rows), put(targets, self.rows),
+        self.params, self.rest, self.opt_state, loss = self._step(
+            self.params, self.rest, self.opt_state, put(token_ids, self.rows),
+            put(targets, self.rows),
             put(pos_ids.astype(np.int32), self.rows), put(noise, self.replicated))
         return float(loss)
 
     def update_model(self) -> Model:
         """Write the trained parameters back into the `Model` (then `model.save(...)`)."""
-        nnx.update(self.model, jax.device_get(self.params))
+        nnx.update(self.model, jax.device_get(self.params), jax.device_get(self.rest))
         return self.model

@@ -41,8 +41,9 @@ def test_step_is_compute_loss_plus_masked_adamw():
     pos = np.broadcast_to(np.arange(16), (2, 16)).astype(np.int32)
     noise = rng.standard_normal((16, 8)).astype(np.float32)
     optimizer = make_optimizer(1e-2, weight_decay=0.1, max_grad_norm=1.0)
-    step = jax.jit(functools.partial(train_step, graphdef, rest, sig_reg, optimizer))
-    new_params, _, loss = step(params, optimizer.init(params), tokens, targets, pos, noise)
+    step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
+    new_params, _, _, loss = step(params, rest, optimizer.init(params), tokens, targets, pos,
+                                  noise)
 
     # Independently: the loss and its gradient, clipped, then optax's masked AdamW.
     def loss_of(p):
@@ -68,3 +69,37 @@ def test_step_is_compute_loss_plus_masked_adamw():
     for got, want in zip(jax.tree_util.tree_leaves(new_params),
                          jax.tree_util.tree_leaves(want_params), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_masks_change_from_step_to_step():
+    """`rest` comes out advanced: a step from the same parameters draws new masks, while
+    the same `rest` gives the same masks (the step stays pure)."""
+    config = ModelConfig(embedding_dim=16, pwff_hidden_dim=32, num_layers=1, num_heads=2,
+                         dropout_rate=0.5)
+    model = Model(config, rngs=nnx.Rngs(0))
+    model.train()
+    sig_reg = SIGReg(SIGRegConfig(slices=8, points=5))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, (2, 16)).astype(np.int32)
+    targets = np.roll(tokens, -1, axis=1)
+    pos = np.broadcast_to(np.arange(16), (2, 16)).astype(np.int32)
+    noise = rng.standard_normal((16, 8)).astype(np.float32)
+    optimizer = make_optimizer(1e-2)
+    opt_state = optimizer.init(params)
+    step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
+    batch = (tokens, targets, pos, noise)
+    _, rest_1, _, loss_1 = step(params, rest, opt_state, *batch)
+    _, _, _, again = step(params, rest, opt_state, *batch)
+    _, rest_2, _, loss_2 = step(params, rest_1, opt_state, *batch)
+    assert float(again) == float(loss_1)
+    assert float(loss_2) != float(loss_1)
+    def counters(state):       # the dropout streams' RngCount values (uint32)
+        return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state)
+                if leaf.dtype == np.uint32]
+
+    before, after = counters(rest), counters(rest_2)
+    assert before and all((b > a).all() for a, b in zip(before, after, strict=True))
+    # The caller's `rest` is not advanced in place, even by an eager call.
+    train_step(graphdef, sig_reg, optimizer, params, rest, opt_state, *batch)
+    assert all((a == b).all() for a, b in zip(before, counters(rest), strict=True))

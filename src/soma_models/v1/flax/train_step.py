@@ -7,13 +7,16 @@ examples/flax_train_step.py jits it on one device:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(3e-4, weight_decay=0.1, max_grad_norm=1.0)
     opt_state = optimizer.init(params)
-    step = jax.jit(functools.partial(train_step, graphdef, rest, sig_reg, optimizer))
-    params, opt_state, loss = step(params, opt_state, token_ids, targets, pos_ids, noise)
-    nnx.update(model, params)                  # then model.save(...)
+    step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
+    params, rest, opt_state, loss = step(params, rest, opt_state,
+                                         token_ids, targets, pos_ids, noise)
+    nnx.update(model, params, rest)            # then model.save(...)
 
 The loss is `soma_models.v1.flax.loss.compute_loss`, differentiated with respect to the
-parameters only. The SIGReg noise is an argument (`[D, slices]`, fresh per step): a pure
-step has no random stream of its own to advance.
+parameters only. `rest` (everything but the parameters: the dropout streams' counters) goes
+in and comes out advanced, so every step draws new dropout masks; binding it into the jitted
+function instead would freeze the masks. The SIGReg noise is an argument (`[D, slices]`,
+fresh per step), drawn by the caller.
 """
 
 from __future__ import annotations
@@ -49,23 +52,27 @@ def make_optimizer(learning_rate: float | Callable[[jax.Array], jax.Array] = 3e-
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 
-def train_step(graphdef: nnx.GraphDef, rest: nnx.State, sig_reg: SIGReg,
-               optimizer: optax.GradientTransformation, params: nnx.State,
-               opt_state: optax.OptState, token_ids: jax.Array, targets: jax.Array,
-               pos_ids: jax.Array, noise: jax.Array
-               ) -> tuple[nnx.State, optax.OptState, jax.Array]:
+def train_step(graphdef: nnx.GraphDef, sig_reg: SIGReg, optimizer: optax.GradientTransformation,
+               params: nnx.State, rest: nnx.State, opt_state: optax.OptState,
+               token_ids: jax.Array, targets: jax.Array, pos_ids: jax.Array, noise: jax.Array
+               ) -> tuple[nnx.State, nnx.State, optax.OptState, jax.Array]:
     """One AdamW step on the on-chain loss of a `[B, S]` batch with SIGReg noise `[D, slices]`.
 
     `graphdef`, `params`, `rest`: `nnx.split(model, nnx.Param, ...)`. Returns the new
-    parameters, the new optimizer state and the loss before the update. Pure: jit it
-    (with `graphdef`, `rest`, `sig_reg` and `optimizer` bound, e.g. `functools.partial`).
+    parameters, the advanced `rest` (new dropout masks next step), the new optimizer state
+    and the loss before the update. Pure: jit it with `graphdef`, `sig_reg` and `optimizer`
+    bound (e.g. `functools.partial`).
     """
 
-    def loss_of(params: nnx.State) -> jax.Array:
-        model = nnx.merge(graphdef, params, rest)
-        loss, _ = compute_loss(model, sig_reg, token_ids, targets, pos_ids, noise)
-        return loss
+    # A copy, so that the caller's `rest` is never advanced in place (eager calls share
+    # Variables otherwise). nnx.value_and_grad differentiates the Params and carries the
+    # dropout counters' updates back to `model` across the gradient's trace.
+    model = nnx.merge(graphdef, params, rest, copy=True)
 
-    loss, grads = jax.value_and_grad(loss_of)(params)
+    def loss_of(model: nnx.Module) -> jax.Array:
+        return compute_loss(model, sig_reg, token_ids, targets, pos_ids, noise)[0]
+
+    loss, grads = nnx.value_and_grad(loss_of)(model)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), nnx.split(model, nnx.Param, ...)[2], \
+        opt_state, loss
