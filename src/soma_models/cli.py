@@ -516,7 +516,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "sample alone, lowest loss wins) and write one JSON line "
                                    "with the losses, the winner and its cosine distance to "
                                    "every target. Rerunning with the same --out skips the "
-                                   "samples it already holds.")
+                                   "samples it already holds; an --out written by another "
+                                   "screening (other models, targets, seed or revision) is "
+                                   "refused.")
     p.add_argument("--models", nargs="+", required=True, metavar="WEIGHTS", type=input_file,
                    help="the target's safetensors weights files")
     p.add_argument("--key", action="append", metavar="KEY",

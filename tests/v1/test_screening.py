@@ -203,6 +203,27 @@ def test_cli_screen_with_protocol_and_resume(cli_files, weights, targets, capsys
     assert out.read_text() == before
 
 
+def test_cli_resume_refuses_results_of_another_screening(cli_files, capsys, tmp_path):
+    out = tmp_path / "results.jsonl"
+    one = str(cli_files / "samples" / "one.bin")
+    assert screen_cli(cli_files, "--data", one, "--out", str(out)) == 0
+    capsys.readouterr()
+    (line,) = out.read_text().splitlines()
+    assert len(json.loads(line)["run"]) == 16
+    # A partial line left by an interrupted write is not cut when the run is refused.
+    with open(out, "a") as fh:
+        fh.write('{"sample": "cut')
+    before = out.read_bytes()
+    assert screen_cli(cli_files, "--data", one, "--out", str(out), "--seed", "1") == 1
+    assert_one_line_error(capsys.readouterr().err, "results.jsonl:1: written by another "
+                          "screening", "use another --out")
+    assert out.read_bytes() == before
+    # The same screening resumes (and cuts the partial line).
+    assert screen_cli(cli_files, "--data", one, "--out", str(out)) == 0
+    assert capsys.readouterr().err.strip().startswith("screened 0 samples (1 already done)")
+    assert out.read_text() == line + "\n"
+
+
 def test_cli_screen_to_stdout_without_embeddings(cli_files, capsys):
     assert screen_cli(cli_files, "--data", str(cli_files / "samples" / "one.bin"),
                       "--micro-batch-size", "1") == 0
@@ -210,7 +231,7 @@ def test_cli_screen_to_stdout_without_embeddings(cli_files, capsys):
     (record,) = [json.loads(line) for line in captured.out.splitlines()]
     assert "embedding" not in record and "hit" not in record
     assert set(record) == {"sample", "bytes", "losses", "winner", "loss", "distances",
-                           "nearest", "distance"}
+                           "nearest", "distance", "run"}
     assert "no --threshold" in captured.err
 
 

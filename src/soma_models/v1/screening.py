@@ -20,6 +20,7 @@ Framework-free: the models are `ScoringBackend`s from `soma_models.v1.scoring.lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -249,6 +250,7 @@ class Screener:
         self.threshold = threshold
         self.max_sample_bytes = max_sample_bytes
         self.backends: list[ScoringBackend] = []
+        self.weights_list = list(weights_list)
         self.names = [os.fspath(w) if isinstance(w, (str, os.PathLike)) else f"#{i}"
                       for i, w in enumerate(weights_list)]
         for weights, key in zip(weights_list, keys):
@@ -277,6 +279,28 @@ class Screener:
         if self.targets.shape[1] != dim:
             raise ValueError(f"targets have {self.targets.shape[1]} values each, the models' "
                              f"embeddings have {dim} ({label})")
+
+    def run_id(self) -> str:
+        """16 hex digits naming what decides the results: the models (a file by its real
+        path, size and modification time; weights given in memory by position), the
+        targets, the seed and the contract (revision, rows, batches, SIGReg). Written on
+        every JSONL line, so that resuming never mixes two different screenings."""
+        models = []
+        for weights in self.weights_list:
+            if isinstance(weights, (str, os.PathLike)):
+                stat = os.stat(weights)
+                models.append([os.path.realpath(weights), stat.st_size, stat.st_mtime_ns])
+            else:
+                models.append(None)
+        identity = json.dumps({
+            "models": models, "seed": self.seed, "protocol": self.revision.name,
+            "max_seq_len": self.max_seq_len, "batch_size": self.batch_size,
+            "sig_reg": [self.sig_reg_config.t_max, self.sig_reg_config.points,
+                        self.sig_reg_config.slices, self.sig_reg_config.coefficient],
+            "targets": hashlib.blake2b(np.ascontiguousarray(self.targets).tobytes(),
+                                       digest_size=16).hexdigest(),
+            "target_shape": list(self.targets.shape)}, sort_keys=True)
+        return hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
 
     # ------------------------------------------------------------------ the passes
 
@@ -380,9 +404,11 @@ def screen(weights_list: Sequence[object], samples: Iterable[tuple[str, object]]
 
 # --------------------------------------------------------------------------- JSONL output
 
-def finished_samples(out: str | os.PathLike) -> set[str]:
+def finished_samples(out: str | os.PathLike, run: str | None = None) -> set[str]:
     """Samples already written to `out` (for resuming). A trailing partial line, left by
-    an interrupted write, is cut off so that appending starts on a fresh line."""
+    an interrupted write, is cut off so that appending starts on a fresh line. With `run`
+    (`Screener.run_id`), a line written by another screening is refused, before anything
+    is cut."""
     path = Path(out)
     if not path.exists():
         return set()
@@ -392,19 +418,23 @@ def finished_samples(out: str | os.PathLike) -> set[str]:
     with open(path, "rb+") as fh:
         content = fh.read()
         end = content.rfind(b"\n") + 1
+        for number, line in enumerate(content[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                done.add(record["sample"])
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                raise ValueError(f"{path}:{number}: not a screening result line; refusing "
+                                 "to append to it (use another --out)") from None
+            if run is not None and record.get("run") != run:
+                raise ValueError(f"{path}:{number}: written by another screening (other "
+                                 "models, targets, seed or revision); refusing to mix "
+                                 "results (use another --out)")
         if end < len(content):
             fh.truncate(end)
             fh.flush()
             os.fsync(fh.fileno())
-    for number, line in enumerate(content[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add(record["sample"])
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
-            raise ValueError(f"{path}:{number}: not a screening result line; refusing to "
-                             "append to it (use another --out)") from None
     return done
 
 
@@ -458,9 +488,11 @@ class Summary:
 def screen_to_jsonl(screener: Screener, sample_paths: Sequence[str],
                     out: str | os.PathLike | None = None, *, embeddings: bool = False,
                     progress: bool = False, stream: IO[str] | None = None) -> Summary:
-    """Screen sample files, one JSON line each to `out` (or stdout), skipping the samples
-    `out` already holds; returns the run's summary."""
-    done = finished_samples(out) if out is not None else set()
+    """Screen sample files, one JSON line each to `out` (or stdout) with the screening's
+    `run` id, skipping the samples `out` already holds (and refusing an `out` written by
+    another screening); returns the run's summary."""
+    run = screener.run_id()
+    done = finished_samples(out, run) if out is not None else set()
     todo = [p for p in sample_paths if p not in done]
     hits = 0
     start = time.perf_counter()
@@ -470,7 +502,8 @@ def screen_to_jsonl(screener: Screener, sample_paths: Sequence[str],
                                          file=stream or sys.stderr, unit="sample",
                                          desc="screening", dynamic_ncols=True) as bar:
         for result in screener.screen((p, read_sample(p)) for p in todo):
-            writer.write(json.dumps(result.to_json(embeddings), allow_nan=False))
+            writer.write(json.dumps({**result.to_json(embeddings), "run": run},
+                                    allow_nan=False))
             hits += bool(result.hit)
             bar.update(1)
     return Summary(len(todo), len(sample_paths) - len(todo),
