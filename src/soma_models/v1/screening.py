@@ -4,7 +4,9 @@ For every sample the chain runs a competition: each model scored on the sample a
 seed 0, the lowest loss wins, and the winner's embedding is compared with the target.
 `screen` gives, per sample, exactly what `soma_models.v1.scoring.compete` gives for that
 sample by itself (losses to float32 summation order, hence the same winner and distances),
-but much faster for many samples:
+and faster for many samples (on a GPU, where small passes leave the device idle, most; on
+a CPU the forward passes themselves dominate, and the gain is about 1.2x, see
+benchmarks/README.md):
 
 * every model is loaded once, and every batch index's SIGReg noise is drawn once (a
   sample's batch k always uses `seed + k`, so all single-batch samples share one noise);
