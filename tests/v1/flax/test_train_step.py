@@ -23,6 +23,15 @@ from soma_models.v1.flax.train_step import decay_mask, make_optimizer, train_ste
 CONFIG = ModelConfig(embedding_dim=16, pwff_hidden_dim=32, num_layers=1, num_heads=2)
 
 
+def small_batch(seed: int) -> tuple[np.ndarray, ...]:
+    """token_ids, targets, pos_ids `[2, 16]` and SIGReg noise `[16, 8]`."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (2, 16)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(16), (2, 16)).astype(np.int32)
+    noise = rng.standard_normal((16, 8)).astype(np.float32)
+    return tokens, np.roll(tokens, -1, axis=1), pos, noise
+
+
 def test_weight_decay_applies_to_matrices_only():
     _, params, _ = nnx.split(Model(CONFIG, rngs=nnx.Rngs(0)), nnx.Param, ...)
     flags = jax.tree_util.tree_leaves(decay_mask(params))
@@ -35,11 +44,7 @@ def test_step_is_compute_loss_plus_masked_adamw():
     model = Model(CONFIG, rngs=nnx.Rngs(0))
     sig_reg = SIGReg(SIGRegConfig(slices=8, points=5))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (2, 16)).astype(np.int32)
-    targets = np.roll(tokens, -1, axis=1)
-    pos = np.broadcast_to(np.arange(16), (2, 16)).astype(np.int32)
-    noise = rng.standard_normal((16, 8)).astype(np.float32)
+    tokens, targets, pos, noise = small_batch(0)
     optimizer = make_optimizer(1e-2, weight_decay=0.1, max_grad_norm=1.0)
     step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
     new_params, _, _, loss = step(params, rest, optimizer.init(params), tokens, targets, pos,
@@ -80,15 +85,10 @@ def test_dropout_masks_change_from_step_to_step():
     model.train()
     sig_reg = SIGReg(SIGRegConfig(slices=8, points=5))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, 256, (2, 16)).astype(np.int32)
-    targets = np.roll(tokens, -1, axis=1)
-    pos = np.broadcast_to(np.arange(16), (2, 16)).astype(np.int32)
-    noise = rng.standard_normal((16, 8)).astype(np.float32)
     optimizer = make_optimizer(1e-2)
     opt_state = optimizer.init(params)
     step = jax.jit(functools.partial(train_step, graphdef, sig_reg, optimizer))
-    batch = (tokens, targets, pos, noise)
+    batch = small_batch(1)
     _, rest_1, _, loss_1 = step(params, rest, opt_state, *batch)
     _, _, _, again = step(params, rest, opt_state, *batch)
     _, rest_2, _, loss_2 = step(params, rest_1, opt_state, *batch)
