@@ -29,30 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def forward_gflop(config, seq_len: int, slices: int) -> float:
-    """GFLOP of one row's scoring forward: the linear layers and the head (2 per weight and
-    position), causal attention (QK^T and AV over half the S x S square: 2 S^2 D per
-    layer) and SIGReg's projection (2 D slices per position). The cos/sin and the
-    element-wise work are not counted, so this is a lower bound."""
-    d, h = config.embedding_dim, config.pwff_hidden_dim
-    linear = config.num_layers * (4 * d * d + 2 * d * h) + d * config.vocab_size
-    per_position = 2 * linear + 2 * d * slices
-    attention = config.num_layers * 2 * seq_len * seq_len * d
-    return (seq_len * per_position + attention) / 1e9
-
-
-def matmul_gflops(torch) -> float:
-    """Best of three float32 2048^3 matmuls, in this process."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best / 1e9
+from bench import EvalCase, eval_flops, matmul_gflops
 
 
 def clocks() -> tuple[float, float]:
@@ -139,8 +116,11 @@ def main() -> None:
     # The ceiling of any exact speed-up: every sample's rows must go through every model,
     # so even a forward pass running entirely at the machine's matmul rate needs this long.
     rows = int(sum(-(-int(n) // 1024) for n in sizes))
-    gflop = 3 * rows * forward_gflop(config, 1024, 256)
-    rate = matmul_gflops(torch)
+    one_row = EvalCase(dim=config.embedding_dim, heads=config.num_heads,
+                       hidden=config.pwff_hidden_dim, layers=config.num_layers,
+                       vocab=config.vocab_size, batch=1, seq=1024, slices=256, path="ours")
+    gflop = 3 * rows * eval_flops(one_row) / 1e9   # a lower bound: no cos/sin, no element-wise
+    rate = matmul_gflops(2048)
     floor = gflop / rate
     print(f"compute floor: {rows} rows x 3 models = {gflop / 1e3:.2f} TFLOP of forward "
           f"passes; at this process's 2048^3 matmul rate ({rate:.0f} GFLOP/s) that is "
