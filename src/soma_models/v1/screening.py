@@ -252,7 +252,9 @@ class Screener:
         self.threshold = threshold
         self.max_sample_bytes = max_sample_bytes
         self.backends: list[ScoringBackend] = []
-        self.weights_list = list(weights_list)
+        # What names each model in `run_id`, taken as it is loaded: a file by its real path,
+        # size and modification time; weights given in memory by position only.
+        self.model_files = [_file_identity(w) for w in weights_list]
         self.names = [os.fspath(w) if isinstance(w, (str, os.PathLike)) else f"#{i}"
                       for i, w in enumerate(weights_list)]
         for weights, key in zip(weights_list, keys):
@@ -283,19 +285,11 @@ class Screener:
                              f"embeddings have {dim} ({label})")
 
     def run_id(self) -> str:
-        """16 hex digits naming what decides the results: the models (a file by its real
-        path, size and modification time; weights given in memory by position), the
+        """16 hex digits naming what decides the results: the models (`model_files`), the
         targets, the seed and the contract (revision, rows, batches, SIGReg). Written on
         every JSONL line, so that resuming never mixes two different screenings."""
-        models = []
-        for weights in self.weights_list:
-            if isinstance(weights, (str, os.PathLike)):
-                stat = os.stat(weights)
-                models.append([os.path.realpath(weights), stat.st_size, stat.st_mtime_ns])
-            else:
-                models.append(None)
         identity = json.dumps({
-            "models": models, "seed": self.seed, "protocol": self.revision.name,
+            "models": self.model_files, "seed": self.seed, "protocol": self.revision.name,
             "max_seq_len": self.max_seq_len, "batch_size": self.batch_size,
             "sig_reg": [self.sig_reg_config.t_max, self.sig_reg_config.points,
                         self.sig_reg_config.slices, self.sig_reg_config.coefficient],
@@ -336,11 +330,10 @@ class Screener:
         for name, data in samples:
             n_bytes = memoryview(data).nbytes  # type: ignore[arg-type]
             check_sample_size(name, n_bytes, self.max_sample_bytes)
-            batches = iter_batches(data, self.max_seq_len, self.batch_size)  # type: ignore[arg-type]
-            first = next(batches)
             sample = _Open(name, n_bytes, num_batches(n_bytes, self.max_seq_len, self.batch_size),
                            n_models, self.embedding_dim)
-            for k, batch in enumerate(_chain(first, batches)):
+            batches = iter_batches(data, self.max_seq_len, self.batch_size)  # type: ignore[arg-type]
+            for k, batch in enumerate(batches):
                 shape = batch.token_ids.shape
                 sample.batches[k] = [np.zeros(n_models), np.zeros(n_models),
                                      np.zeros((n_models, self.embedding_dim)), shape[0], shape]
@@ -393,9 +386,12 @@ class Screener:
                             embedding, distances, nearest, distance, hit)
 
 
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
+def _file_identity(weights: object) -> list[object] | None:
+    """[real path, size, mtime in ns] of a weights file; None for weights given in memory."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return None
+    stat = os.stat(weights)
+    return [os.path.realpath(weights), stat.st_size, stat.st_mtime_ns]
 
 
 def screen(weights_list: Sequence[object], samples: Iterable[tuple[str, object]],
@@ -513,5 +509,5 @@ def screen_to_jsonl(screener: Screener, sample_paths: Sequence[str],
                    time.perf_counter() - start)
 
 
-__all__ = ["SampleResult", "Screener", "Summary", "check_sample_size", "find_samples", "finished_samples",
-           "load_targets", "screen", "screen_to_jsonl"]
+__all__ = ["SampleResult", "Screener", "Summary", "check_sample_size", "find_samples",
+           "finished_samples", "load_targets", "screen", "screen_to_jsonl"]
