@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile
+from soma_models.safetensors_io import SafetensorsFile, save_file
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.schema import METADATA_HEADS_KEY, read_tensors
 from soma_models.v1.serde import ModuleSerde
@@ -31,6 +31,31 @@ class ArraySerde(ModuleSerde[Block]):
         arrays, _ = read_tensors(source, expected)
         self.module.params.update(arrays)
         return self.module
+
+
+def write_damaged_weights(canonical: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
+    """A 2-layer, width-16 model's canonical arrays with two keys missing, one misshaped
+    and one of a dtype the runtime does not map, written to `path`; returns them."""
+    arrays = dict(canonical)
+    del arrays["predictor.bias"]
+    del arrays["encoder.layers.1.norm_2.beta"]
+    arrays["encoder.layers.0.attention.query.weight"] = np.zeros((16, 8), np.float32)
+    arrays["embedding.weight"] = arrays["embedding.weight"].astype(np.uint16)  # unmapped
+    save_file(path, arrays)
+    return arrays
+
+
+def assert_every_damage_listed(error: WeightsError, path) -> None:
+    """`error`, from loading `write_damaged_weights`' file, names the file and all three
+    problems at once."""
+    message = str(error)
+    assert str(path) in message
+    assert "2 missing key(s)" in message and "predictor.bias" in message
+    assert "encoder.layers.1.norm_2.beta" in message
+    assert ("encoder.layers.0.attention.query.weight: shape mismatch, expected [16, 16], "
+            "found [16, 8]") in message
+    assert "embedding.weight (U16)" in message and "does not map" in message
+    assert len(error.problems) == 3
 
 
 def block(seed: int, config: object = None) -> Block:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tests.v1.test_serde import assert_every_damage_listed, write_damaged_weights
 
 from soma_models.errors import WeightsError, WeightsFormatError
 from soma_models.safetensors_io import SafetensorsFile, save_file
@@ -123,23 +124,11 @@ def test_dropout_model_loads_with_working_rngs(model: Model) -> None:
 
 
 def test_missing_misshaped_and_wrong_dtype_are_all_listed(model: Model, tmp_path: Path) -> None:
-    arrays = dict(canonical_arrays(model))
-    del arrays["predictor.bias"]
-    del arrays["encoder.layers.1.norm_2.beta"]
-    arrays["encoder.layers.0.attention.query.weight"] = np.zeros((16, 8), np.float32)
-    arrays["embedding.weight"] = arrays["embedding.weight"].astype(np.uint16)  # unmapped
     path = tmp_path / "bad.safetensors"
-    save_file(path, arrays)
+    arrays = write_damaged_weights(canonical_arrays(model), path)
     with pytest.raises(WeightsError) as info:
         Model.load(path, CONFIG)
-    message = str(info.value)
-    assert str(path) in message
-    assert "2 missing key(s)" in message and "predictor.bias" in message
-    assert "encoder.layers.1.norm_2.beta" in message
-    assert ("encoder.layers.0.attention.query.weight: shape mismatch, expected [16, 16], "
-            "found [16, 8]") in message
-    assert "embedding.weight (U16)" in message and "does not map" in message
-    assert len(info.value.problems) == 3
+    assert_every_damage_listed(info.value, path)
     with pytest.raises(WeightsError, match="2 missing key"):
         Model.from_arrays(arrays, CONFIG)
 
