@@ -27,7 +27,8 @@ def unflatten_dict(flat_dict: Mapping[str, Any], sep: str = ".") -> dict[str, An
     """`{"a.b": 1}` -> `{"a": {"b": 1}}`, the inverse of `flatten_dict`.
 
     Raises ValueError when one key is both a value and a prefix of another key
-    (`{"a": 1, "a.b": 2}`), naming both.
+    (`{"a": 1, "a.b": 2}`), naming both. The message starts with "Unflattening conflict",
+    as the published package's does (code written against it matches on those words).
     """
     nested: dict[str, Any] = {}
     for key, value in flat_dict.items():
@@ -35,12 +36,13 @@ def unflatten_dict(flat_dict: Mapping[str, Any], sep: str = ".") -> dict[str, An
         node = nested
         for depth, part in enumerate(parents):
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, dict):  # ValueError, as the published package raises
                 prefix = sep.join(parents[: depth + 1])
-                raise ValueError(f"unflatten_dict: key {prefix!r} holds a value, so {key!r} "
-                                 f"cannot nest under it")
+                raise ValueError(f"Unflattening conflict: key {prefix!r} holds a value, so "  # noqa: TRY004
+                                 f"{key!r} cannot nest under it")
             node = child
         if isinstance(node.get(leaf), dict) and node[leaf]:
-            raise ValueError(f"unflatten_dict: key {key!r} is also the prefix of other keys")
+            raise ValueError(f"Unflattening conflict: key {key!r} holds a value and is also "
+                             f"the prefix of other keys")
         node[leaf] = value
     return nested
