@@ -11,7 +11,8 @@ Loading builds the model abstractly (`nnx.eval_shape`, no random init of a model
 is about to be overwritten) and fills every parameter from the file.
 
 This module sits below the model: `Model` inherits `Serializable` from here, and nothing
-here imports the model (functions that build one take its class, `model_cls`).
+here imports the model, not even for type hints (functions that build one take its class,
+`model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
 deserialize any of our modules in place), `remap`, `flatten_dict` and `unflatten_dict`.
@@ -23,7 +24,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import Self, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +47,17 @@ from soma_models.v1.schema import (
 )
 from soma_models.v1.serde import ModuleSerde
 
-if TYPE_CHECKING:
-    from soma_models.v1.flax.modules.model import Model
-
 __all__ = ["Serde", "Serializable", "canonical_arrays", "flatten_dict", "flax_variable",
            "from_arrays", "load", "remap", "save", "to_bytes", "unflatten_dict"]
+
+# A V1 model class (`Model` or a subclass): what `model_cls` builds and returns.
+ModelT = TypeVar("ModelT", bound=nnx.Module)
 
 _FLAX_LEAF = {"embedding": "embedding", "linear_weight": "kernel", "linear_bias": "bias",
               "norm_gamma": "scale", "norm_beta": "bias"}
 
 
-def flax_variable(model: Model, spec: ParamSpec) -> nnx.Param:
+def flax_variable(model: nnx.Module, spec: ParamSpec) -> nnx.Param:
     """The `nnx.Param` holding canonical parameter `spec` (same shape up to a reshape)."""
     *path, _ = spec.key.split(".")
     node: object = model
@@ -65,7 +66,7 @@ def flax_variable(model: Model, spec: ParamSpec) -> nnx.Param:
     return getattr(node, _FLAX_LEAF[spec.kind])
 
 
-def canonical_arrays(model: Model) -> dict[str, np.ndarray]:
+def canonical_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as canonical float32 NumPy arrays (host views where possible)."""
     out = {}
     for spec in param_specs(model.config):
@@ -74,19 +75,19 @@ def canonical_arrays(model: Model) -> dict[str, np.ndarray]:
     return out
 
 
-def save(model: Model, path: str | os.PathLike, *, protocol: str | None = None) -> None:
+def save(model: nnx.Module, path: str | os.PathLike, *, protocol: str | None = None) -> None:
     """Write canonical weights atomically (temporary file in the same folder, then rename).
 
     The metadata records the revision `protocol` (None: the process-wide one)."""
     save_file(path, canonical_arrays(model), file_metadata(model.config, protocol))
 
 
-def to_bytes(model: Model, *, protocol: str | None = None) -> bytes:
+def to_bytes(model: nnx.Module, *, protocol: str | None = None) -> bytes:
     """The canonical file's bytes (metadata records revision `protocol`)."""
     return _to_bytes(canonical_arrays(model), file_metadata(model.config, protocol))
 
 
-def _reseed_dropout(model: Model, rngs: nnx.Rngs) -> None:
+def _reseed_dropout(model: nnx.Module, rngs: nnx.Rngs) -> None:
     """Give every dropout stream of an abstract model real RNG state from `rngs`."""
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Dropout) and module.rngs is not None:
@@ -96,8 +97,8 @@ def _reseed_dropout(model: Model, rngs: nnx.Rngs) -> None:
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None, *,
-                model_cls: type[Model], source: str = "<arrays>", rngs: nnx.Rngs | None = None,
-                num_heads: int | None = None) -> Model:
+                model_cls: type[ModelT], source: str = "<arrays>", rngs: nnx.Rngs | None = None,
+                num_heads: int | None = None) -> ModelT:
     """Build a `model_cls` from canonical arrays, checking every key and shape first.
 
     (`Model.from_arrays(arrays, config)` supplies `model_cls`.)
@@ -114,7 +115,7 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
 
 def load(source: str | os.PathLike | bytes | bytearray | memoryview,
          config: ModelConfig | None = None, rngs: nnx.Rngs | None = None, *,
-         model_cls: type[Model]) -> Model:
+         model_cls: type[ModelT]) -> ModelT:
     """Load canonical weights from a path or bytes. Every problem is listed in one error.
 
     (`Model.load(path, config)` supplies `model_cls`.)

@@ -7,7 +7,8 @@ device and adopts the file's tensors directly (a copy-on-write memory map), so a
 V1 file is held in memory once.
 
 This module sits below the model: `Model` inherits `Serializable` from here, and nothing
-here imports the model (functions that build one take its class, `model_cls`).
+here imports the model, not even for type hints (functions that build one take its class,
+`model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
 deserialize any of our modules in place), `load_safetensor_into` and `remap`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import Self, TypeVar
 
 import numpy as np
 import torch
@@ -37,11 +38,11 @@ from soma_models.v1.schema import (
 )
 from soma_models.v1.serde import ModuleSerde
 
-if TYPE_CHECKING:
-    from soma_models.v1.torch.modules.model import Model
-
 __all__ = ["Serde", "Serializable", "canonical_arrays", "from_arrays", "load",
            "load_safetensor_into", "remap", "save", "to_bytes", "torch_name"]
+
+# A V1 model class (`Model` or a subclass): what `model_cls` builds and returns.
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 _TORCH_SUFFIX = {"norm_gamma": "weight", "norm_beta": "bias"}
 
@@ -52,7 +53,7 @@ def torch_name(spec: ParamSpec) -> str:
     return f"{prefix}.{_TORCH_SUFFIX.get(spec.kind, leaf)}"
 
 
-def canonical_arrays(model: Model) -> dict[str, np.ndarray]:
+def canonical_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as canonical float32 arrays (views where possible)."""
     state = model.state_dict()
     out = {}
@@ -62,14 +63,14 @@ def canonical_arrays(model: Model) -> dict[str, np.ndarray]:
     return out
 
 
-def save(model: Model, path: str | os.PathLike, *, protocol: str | None = None) -> None:
+def save(model: nn.Module, path: str | os.PathLike, *, protocol: str | None = None) -> None:
     """Write canonical weights atomically (temporary file in the same folder, then rename).
 
     The metadata records the revision `protocol` (None: the process-wide one)."""
     save_file(path, canonical_arrays(model), file_metadata(model.config, protocol))
 
 
-def to_bytes(model: Model, *, protocol: str | None = None) -> bytes:
+def to_bytes(model: nn.Module, *, protocol: str | None = None) -> bytes:
     """The canonical file's bytes (metadata records revision `protocol`)."""
     return _to_bytes(canonical_arrays(model), file_metadata(model.config, protocol))
 
@@ -82,8 +83,8 @@ def _adopt(arr: np.ndarray) -> torch.Tensor:
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = None, *,
-                model_cls: type[Model], source: str = "<arrays>",
-                device: torch.device | str | None = None, num_heads: int | None = None) -> Model:
+                model_cls: type[ModelT], source: str = "<arrays>",
+                device: torch.device | str | None = None, num_heads: int | None = None) -> ModelT:
     """Build a `model_cls` from canonical arrays, checking every key and shape first.
 
     (`Model.from_arrays(arrays, config)` supplies `model_cls`.)
@@ -93,7 +94,7 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
 
 
 def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig,
-           device: torch.device | str | None, model_cls: type[Model]) -> Model:
+           device: torch.device | str | None, model_cls: type[ModelT]) -> ModelT:
     """Adopt already-checked canonical arrays as the parameters of a new model."""
     with torch.device("meta"):
         model = model_cls(config)
@@ -108,8 +109,8 @@ def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig,
 
 
 def load(source: str | os.PathLike | bytes | bytearray | memoryview,
-         config: ModelConfig | None = None, *, model_cls: type[Model],
-         device: torch.device | str | None = None) -> Model:
+         config: ModelConfig | None = None, *, model_cls: type[ModelT],
+         device: torch.device | str | None = None) -> ModelT:
     """Load canonical weights from a path or bytes. Every problem is listed in one error.
 
     (`Model.load(path, config)` supplies `model_cls`.)
