@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import save as safetensors_save
 
-from soma_models.errors import WeightsError
+from soma_models.errors import WeightsError, WeightsWarning
+from soma_models.safetensors_io import SafetensorsFile, to_bytes
 from soma_models.v1.configs import (
     V1_PAD_TOKEN_ID,
     EncoderConfig,
@@ -33,6 +35,7 @@ from soma_models.v1.torch import Model as TorchModel
 from soma_models.v1.torch.modules.attention import apply_rope as torch_apply_rope
 from soma_models.v1.torch.serde import Serde as TorchSerde
 from tests.v1 import numpy_reference as ref
+from tests.v1.test_serde import assert_every_damage_listed, write_damaged_weights
 
 SIZES = {"embedding_dim": 16, "pwff_hidden_dim": 32, "num_heads": 2}
 CONFIG = ModelConfig(0.0, num_layers=2, **SIZES)
@@ -231,12 +234,97 @@ def test_serde_of_a_block_and_across_frameworks(model) -> None:
                                rtol=RTOL, atol=ATOL)
 
 
-def test_serde_reports_every_problem_and_writes_nothing() -> None:
-    wider = Model(ModelConfig(0.0, num_layers=2, embedding_dim=32, pwff_hidden_dim=32,
-                              num_heads=2), nnx.Rngs(0))
+def test_serde_refuses_a_damaged_file_listing_every_problem_and_writes_nothing(
+        model, tmp_path) -> None:
+    path = tmp_path / "damaged.safetensors"
+    write_damaged_weights(canonical_arrays(model), path)   # not a complete model: no adoption
     target = Model(CONFIG, nnx.Rngs(1))
     before = _params(target)
-    with pytest.raises(WeightsError, match="problems") as info:
-        Serde(target).deserialize(wider.save_bytes())
-    assert any("embedding.weight" in p for p in info.value.problems)
+    with pytest.raises(WeightsError) as info:
+        Serde(target).deserialize_from_file(path)
+    assert_every_damage_listed(info.value, path)
     jax.tree.map(np.testing.assert_array_equal, _params(target), before)
+
+
+class Custom(nnx.Module):
+    """Not one of our blocks: a bare parameter, a batch statistic, a nested module with a
+    Linear and a LayerNorm, and an RNG stream (which is not a weight)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.param = nnx.Param(jnp.zeros((4,)))
+        self.count = nnx.BatchStat(jnp.zeros((2,)))
+        self.inner = nnx.Sequential(nnx.Linear(4, 3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs))
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+
+def test_serde_loads_the_one_param_of_a_plain_module() -> None:
+    class One(nnx.Module):
+        def __init__(self) -> None:
+            self.param = nnx.Param(jnp.zeros((4,)))
+
+    values = np.arange(1, 5, dtype=np.float32)
+    module = One()
+    assert Serde(module).deserialize(safetensors_save({"param": values})) is module
+    np.testing.assert_array_equal(module.param.get_value(), values)
+
+
+def test_serde_loads_any_nnx_module_by_attribute_path() -> None:
+    module = Custom(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    arrays = {"param": rng.standard_normal(4), "count": np.array([1.0, 2.0]),
+              "inner.layers.0.weight": rng.standard_normal((4, 3)),
+              "inner.layers.0.bias": rng.standard_normal(3),
+              "inner.layers.1.gamma": rng.standard_normal(3),
+              "inner.layers.1.beta": rng.standard_normal(3)}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    assert Serde(module).deserialize(to_bytes(arrays)) is module
+    np.testing.assert_array_equal(module.param.get_value(), arrays["param"])
+    np.testing.assert_array_equal(module.count.get_value(), arrays["count"])
+    np.testing.assert_array_equal(module.inner.layers[0].kernel.get_value(),
+                                  arrays["inner.layers.0.weight"])
+    np.testing.assert_array_equal(module.inner.layers[1].scale.get_value(),
+                                  arrays["inner.layers.1.gamma"])
+    # serialize writes the same names (no RNG state), so the bytes round-trip exactly
+    data = Serde(module).serialize()
+    assert SafetensorsFile(data).tensors.keys() == arrays.keys()
+    fresh = Serde(Custom(nnx.Rngs(1))).deserialize(data)
+    jax.tree.map(np.testing.assert_array_equal, _params(fresh), _params(module))
+
+
+def test_serde_names_every_key_it_cannot_place_and_writes_nothing() -> None:
+    module = Custom(nnx.Rngs(0))
+    data = Serde(module).serialize()
+    arrays = {k: SafetensorsFile(data).array(k) + 1 for k in SafetensorsFile(data).tensors}
+    arrays["params"] = arrays.pop("param")           # a misspelt name, and one extra key
+    arrays["inner.layers.2.weight"] = np.ones(3, np.float32)
+    with pytest.raises(WeightsError) as info:
+        Serde(module).deserialize(to_bytes(arrays))
+    placed = [p for p in info.value.problems if "could not be placed" in p]
+    assert placed == [("2 key(s) the module has no parameter for, so they could not be "
+                       "placed: inner.layers.2.weight, params")]
+    assert "1 missing key(s): param" in info.value.problems
+    assert Serde(module).serialize() == data                       # nothing was written
+
+
+def test_serde_adopts_a_model_of_other_sizes_with_one_warning(batch) -> None:
+    # The file: a model of vocabulary 4, one layer; the module: CONFIG's (264, two layers).
+    small = Model(ModelConfig(0.0, num_layers=1, vocab_size=4, **SIZES), nnx.Rngs(5))
+    target = Model(CONFIG, nnx.Rngs(1))
+    target.eval()
+    with pytest.warns(WeightsWarning) as caught:
+        assert Serde(target).deserialize(small.save_bytes()) is target
+    (warning,) = [str(w.message) for w in caught]
+    assert "(vocab_size 264 -> 4, num_layers 2 -> 1)" in warning and "\n" not in warning
+    assert warning.endswith("shape changed: embedding.weight, predictor.weight, predictor.bias")
+    assert target.config == small.config
+    assert target.encoder.layers[0].attention.deterministic                  # still eval mode
+    tokens, _, positions = batch
+    tokens = tokens % 4
+    np.testing.assert_array_equal(target(tokens, positions), small(tokens, positions))
+    np.testing.assert_array_equal(target.predict(target.encode(tokens, positions)),
+                                  small.predict(small.encode(tokens, positions)))
+    assert target.save_bytes() == small.save_bytes()
+    # The module's graph is whole: it splits and merges as any NNX module.
+    graph, state = nnx.split(target)
+    np.testing.assert_array_equal(nnx.merge(graph, state)(tokens, positions),
+                                  small(tokens, positions))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import save as safetensors_save
 
-from soma_models.errors import WeightsError
-from soma_models.safetensors_io import SafetensorsFile
+from soma_models.errors import WeightsError, WeightsWarning
+from soma_models.safetensors_io import SafetensorsFile, to_bytes
 from soma_models.v1.configs import (
     V1_PAD_TOKEN_ID,
     EncoderConfig,
@@ -28,6 +29,7 @@ from soma_models.v1.torch.modules.layer import Layer
 from soma_models.v1.torch.modules.pwff import PositionWiseFeedForward
 from soma_models.v1.torch.serde import Serde, Serializable, canonical_arrays, load_safetensor_into
 from tests.v1 import numpy_reference as ref
+from tests.v1.test_serde import assert_every_damage_listed, write_damaged_weights
 
 SIZES = {"embedding_dim": 16, "pwff_hidden_dim": 32, "num_heads": 2}
 CONFIG = ModelConfig(0.0, num_layers=2, **SIZES)
@@ -231,17 +233,91 @@ def test_serde_of_a_block_uses_canonical_names_relative_to_it(model) -> None:
         np.testing.assert_array_equal(block.array(key), full[f"encoder.layers.1.{key}"])
 
 
-def test_serde_reports_every_problem_and_writes_nothing(model) -> None:
-    wider = Model(ModelConfig(0.0, num_layers=2, embedding_dim=32, pwff_hidden_dim=32,
-                              num_heads=2))
+def test_serde_refuses_a_damaged_file_listing_every_problem_and_writes_nothing(
+        model, tmp_path) -> None:
+    path = tmp_path / "damaged.safetensors"
+    write_damaged_weights(canonical_arrays(model), path)   # not a complete model: no adoption
     target = Model(CONFIG)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(WeightsError, match="problems") as info:
-        Serde(target).deserialize(wider.save_bytes())
-    assert any("embedding.weight" in p for p in info.value.problems)
+    with pytest.raises(WeightsError) as info:
+        Serde(target).deserialize_from_file(path)
+    assert_every_damage_listed(info.value, path)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(TypeError, match="torch.nn.Module"):
         Serde(object())  # type: ignore[arg-type]
+
+
+class Custom(torch.nn.Module):
+    """Not one of our blocks: a bare parameter, a buffer, and a Linear and LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.param = torch.nn.Parameter(torch.zeros(4))
+        self.register_buffer("count", torch.zeros(2))
+        self.inner = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+
+
+def test_serde_loads_the_one_param_of_a_plain_module() -> None:
+    module = torch.nn.Module()
+    module.param = torch.nn.Parameter(torch.zeros(4))
+    values = np.arange(1, 5, dtype=np.float32)
+    assert Serde(module).deserialize(safetensors_save({"param": values})) is module
+    np.testing.assert_array_equal(module.param.detach().numpy(), values)
+
+
+def test_serde_loads_any_module_by_its_state_dict_names() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"param": rng.standard_normal(4), "count": np.array([1.0, 2.0]),
+              "inner.0.weight": rng.standard_normal((4, 3)),          # [in, out], canonical
+              "inner.0.bias": rng.standard_normal(3),
+              "inner.1.gamma": rng.standard_normal(3), "inner.1.beta": rng.standard_normal(3)}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    module = Custom()
+    assert Serde(module).deserialize(to_bytes(arrays)) is module
+    state = module.state_dict()
+    np.testing.assert_array_equal(state["param"].numpy(), arrays["param"])
+    np.testing.assert_array_equal(state["count"].numpy(), arrays["count"])
+    np.testing.assert_array_equal(state["inner.0.weight"].numpy(), arrays["inner.0.weight"].T)
+    np.testing.assert_array_equal(state["inner.1.weight"].numpy(), arrays["inner.1.gamma"])
+    # serialize writes the same names, so the bytes round-trip exactly
+    assert SafetensorsFile(Serde(module).serialize()).tensors.keys() == arrays.keys()
+    fresh = Serde(Custom()).deserialize(Serde(module).serialize())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
+def test_serde_names_every_key_it_cannot_place_and_writes_nothing() -> None:
+    module = Custom()
+    data = Serde(module).serialize()
+    arrays = {k: SafetensorsFile(data).array(k) + 1 for k in SafetensorsFile(data).tensors}
+    arrays["params"] = arrays.pop("param")           # a misspelt name, and one extra key
+    arrays["inner.2.weight"] = np.ones(3, np.float32)
+    with pytest.raises(WeightsError) as info:
+        Serde(module).deserialize(to_bytes(arrays))
+    placed = [p for p in info.value.problems if "could not be placed" in p]
+    assert placed == [("2 key(s) the module has no parameter for, so they could not be "
+                       "placed: inner.2.weight, params")]
+    assert "1 missing key(s): param" in info.value.problems
+    assert Serde(module).serialize() == data                       # nothing was written
+
+
+def test_serde_adopts_a_model_of_other_sizes_with_one_warning(batch) -> None:
+    # The file: a model of vocabulary 4, one layer; the module: CONFIG's (264, two layers).
+    torch.manual_seed(1)
+    small = Model(ModelConfig(0.0, num_layers=1, vocab_size=4, **SIZES)).eval()
+    target = Model(CONFIG).eval()
+    with pytest.warns(WeightsWarning) as caught:
+        assert Serde(target).deserialize(small.save_bytes()) is target
+    (warning,) = [str(w.message) for w in caught]
+    assert "(vocab_size 264 -> 4, num_layers 2 -> 1)" in warning and "\n" not in warning
+    assert warning.endswith("shape changed: embedding.weight, predictor.weight, predictor.bias")
+    assert target.config == small.config and not target.training
+    tokens, _, positions = batch
+    tokens = tokens % 4
+    with torch.no_grad():
+        assert torch.equal(target(tokens, positions), small(tokens, positions))
+        assert torch.equal(target.predict(target.encode(tokens, positions)),
+                           small.predict(small.encode(tokens, positions)))
+    assert target.save_bytes() == small.save_bytes()
 
 
 def test_model_is_serializable_and_loads_with_the_published_call(model, tmp_path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from soma_models.errors import WeightsError
 from soma_models.safetensors_io import SafetensorsFile, save_file
 from soma_models.v1.configs import ModelConfig
-from soma_models.v1.schema import METADATA_HEADS_KEY, read_tensors
+from soma_models.v1.schema import METADATA_HEADS_KEY
 from soma_models.v1.serde import ModuleSerde
 
 
@@ -26,11 +26,11 @@ class ArraySerde(ModuleSerde[Block]):
     def _arrays(self):
         return dict(self.module.params)
 
-    def _read(self, source):
-        expected = {k: v.shape for k, v in self.module.params.items()}
-        arrays, _ = read_tensors(source, expected)
+    def _expected(self):
+        return {k: v.shape for k, v in self.module.params.items()}
+
+    def _write(self, arrays):
         self.module.params.update(arrays)
-        return self.module
 
 
 def write_damaged_weights(canonical: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
@@ -91,5 +91,18 @@ def test_a_wrong_shape_is_refused_and_nothing_is_written():
     before = {k: v.copy() for k, v in target.params.items()}
     with pytest.raises(WeightsError, match="linear.weight"):
         ArraySerde(target).deserialize(ArraySerde(other).serialize())
+    for key, value in before.items():
+        np.testing.assert_array_equal(target.params[key], value)
+
+
+def test_a_key_the_module_cannot_place_is_refused_and_nothing_is_written():
+    # Not a whole model: every key of the file must land somewhere, or nothing is loaded.
+    source, target = block(0), block(1)
+    source.params["norm.gamma_extra"] = np.ones(2, np.float32)
+    before = {k: v.copy() for k, v in target.params.items()}
+    with pytest.raises(WeightsError) as info:
+        ArraySerde(target).deserialize(ArraySerde(source).serialize())
+    assert info.value.problems == [("1 key(s) the module has no parameter for, so they "
+                                    "could not be placed: norm.gamma_extra")]
     for key, value in before.items():
         np.testing.assert_array_equal(target.params[key], value)

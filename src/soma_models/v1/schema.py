@@ -159,9 +159,13 @@ def check_tensors(
 
 
 def check_shapes(
-    found: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]]
+    found: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]],
+    *, place_all: bool = False,
 ) -> SchemaCheck:
-    """`check_tensors` against any `{key: shape}` (e.g. one block's canonical tensors)."""
+    """`check_tensors` against any `{key: shape}` (e.g. one block's canonical tensors).
+
+    place_all=True: extra keys are an error naming each of them (a module loaded in place
+    has nowhere to put them), not an unused-key warning."""
     errors: list[str] = []
     warnings: list[str] = []
     converted: dict[str, str] = {}
@@ -182,7 +186,10 @@ def check_shapes(
                       f"refuses the whole file (used or not): {_listing(unmapped)}; it maps "
                       f"{', '.join(RUNTIME_DTYPES)}")
     extra = sorted(k for k in found if k not in expected)
-    if extra:
+    if extra and place_all:
+        errors.append(f"{len(extra)} key(s) the module has no parameter for, so they could "
+                      f"not be placed: {', '.join(extra)}")
+    elif extra:
         warnings.append(f"{len(extra)} unused key(s), ignored by the runtime: {_listing(extra)}")
     return SchemaCheck(errors, warnings, converted)
 
@@ -310,14 +317,19 @@ def read_weights(
 def read_tensors(
     source: str | os.PathLike | bytes | bytearray | memoryview,
     expected: Mapping[str, tuple[int, ...]],
+    *,
+    place_all: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     """`read_weights` for any `{key: shape}` (e.g. one block's canonical tensors).
 
     Returns `({key: float32 array}, name)`, checked and converted as `read_weights` does,
     with the same one-line warnings; every problem is raised at once as a `WeightsError`.
+    place_all=True: a key of the file that is not in `expected` is a problem too (one
+    naming every such key), not an unused-key warning.
     """
     weights = SafetensorsFile(source)
-    check = check_shapes({k: (i.dtype, i.shape) for k, i in weights.tensors.items()}, expected)
+    found = {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}
+    check = check_shapes(found, expected, place_all=place_all)
     if not check.ok:
         raise WeightsError(weights.name, check.errors)
     notes = [duplicates_note(weights.duplicates)] if weights.duplicates else []

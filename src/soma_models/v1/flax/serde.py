@@ -15,7 +15,7 @@ here imports the model, not even for type hints (functions that build one take i
 `model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
-deserialize any of our modules in place), `remap`, `flatten_dict` and `unflatten_dict`.
+deserialize any module in place, by attribute path; see `soma_models.v1.serde`), `remap`, `flatten_dict` and `unflatten_dict`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from soma_models.v1.schema import (
     checked_arrays,
     file_metadata,
     param_specs,
-    read_tensors,
     read_weights,
 )
 from soma_models.v1.serde import ModuleSerde
@@ -104,6 +103,12 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
     (`Model.from_arrays(arrays, config)` supplies `model_cls`.)
     """
     config, arrays = checked_arrays(arrays, config, source=source, num_heads=num_heads)
+    return _build(arrays, config, rngs, model_cls)
+
+
+def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig, rngs: nnx.Rngs | None,
+           model_cls: type[ModelT]) -> ModelT:
+    """A `model_cls` of `config` whose parameters are already-checked canonical arrays."""
     model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     for spec in param_specs(config):
         variable = flax_variable(model, spec)
@@ -167,14 +172,16 @@ class Serializable:
 # --- any module: Serde ---------------------------------------------------------------
 
 
-def _canonical_variables(module: nnx.Module) -> dict[str, tuple[nnx.Param, tuple[int, ...]]]:
-    """`{canonical key: (variable, canonical shape)}` of any module built from our blocks.
+def _canonical_variables(module: nnx.Module) -> dict[str, tuple[nnx.Variable, tuple[int, ...]]]:
+    """`{canonical key: (variable, canonical shape)}` of every variable of `module` but its
+    RNG state, by attribute path (the names the published `Serde` gives them).
 
-    The canonical names follow the module tree (SPEC §4): LayerNorm scale/bias are
+    Our blocks' parameters take their canonical names (SPEC §4): LayerNorm scale/bias are
     `gamma`/`beta`, kernels are `weight` flattened to `[in, out]`, embeddings `weight`.
-    For a whole `Model` this is exactly the schema's key list.
+    Any other variable keeps its path (`"encoder.scale"` for `module.encoder.scale`). For
+    a whole `Model` this is exactly the schema's key list.
     """
-    out: dict[str, tuple[nnx.Param, tuple[int, ...]]] = {}
+    out: dict[str, tuple[nnx.Variable, tuple[int, ...]]] = {}
     for path, sub in nnx.iter_modules(module):
         prefix = "".join(f"{part}." for part in path)
         if isinstance(sub, nnx.LayerNorm):
@@ -188,6 +195,11 @@ def _canonical_variables(module: nnx.Module) -> dict[str, tuple[nnx.Param, tuple
                 out[prefix + "bias"] = (sub.bias, (fan_out,))
         elif isinstance(sub, nnx.Embed):
             out[prefix + "weight"] = (sub.embedding, tuple(sub.embedding.shape))
+    named = {id(variable) for variable, _ in out.values()}
+    for path, node in nnx.iter_graph(module):
+        if (isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState)
+                and id(node) not in named):
+            out[".".join(str(part) for part in path)] = (node, tuple(np.shape(node.get_value())))
     return out
 
 
@@ -199,8 +211,9 @@ M = TypeVar("M", bound=nnx.Module)
 
 
 class Serde(ModuleSerde[M]):
-    """`ModuleSerde` over a Flax NNX module: canonical safetensors for a `Model` or any
-    block of one (`Encoder`, `Layer`, `MultiHeadAttention`, ...)."""
+    """`ModuleSerde` over a Flax NNX module: canonical safetensors for a `Model`, any block
+    of one (`Encoder`, `Layer`, `MultiHeadAttention`, ...) or any `nnx.Module` (its
+    variables by attribute path)."""
 
     def __init__(self, module: M):
         if not isinstance(module, nnx.Module):
@@ -214,10 +227,25 @@ class Serde(ModuleSerde[M]):
             out[key] = value.astype(np.float32, copy=False).reshape(shape)
         return out
 
-    def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
-        variables = _canonical_variables(self.module)
-        arrays, _ = read_tensors(source, {key: shape for key, (_, shape) in variables.items()})
-        for key, (variable, _) in variables.items():
-            array = np.asarray(arrays[key], dtype=np.float32).reshape(variable.shape)
-            variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))
-        return self.module
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        return {key: shape for key, (_, shape) in _canonical_variables(self.module).items()}
+
+    def _write(self, arrays: dict[str, np.ndarray]) -> None:
+        for key, (variable, _) in _canonical_variables(self.module).items():
+            old = variable.get_value()
+            array = np.asarray(arrays[key], dtype=np.float32).reshape(np.shape(old))
+            variable.set_value(jnp.asarray(array, dtype=old.dtype))
+
+    def _become(self, arrays: dict[str, np.ndarray], config: ModelConfig) -> None:
+        # A model of the file's sizes whose blocks replace the module's attributes (NNX
+        # modules are plain mutable objects outside a transform). Its dropout streams
+        # start from seed 0, as after `Model.load`; eval mode carries over.
+        model = self.module
+        modes = [m.deterministic for _, m in nnx.iter_modules(model)
+                 if isinstance(getattr(m, "deterministic", None), bool)]
+        built = _build(arrays, config, None, type(model))
+        for name, value in vars(built).items():
+            if not name.startswith("_"):
+                setattr(model, name, value)
+        if modes and all(modes):
+            model.eval()

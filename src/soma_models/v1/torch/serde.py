@@ -11,7 +11,7 @@ here imports the model, not even for type hints (functions that build one take i
 `model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
-deserialize any of our modules in place), `load_safetensor_into` and `remap`.
+deserialize any module in place, by attribute path; see `soma_models.v1.serde`), `load_safetensor_into` and `remap`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from soma_models.v1.schema import (
     checked_arrays,
     file_metadata,
     param_specs,
-    read_tensors,
     read_weights,
 )
 from soma_models.v1.serde import ModuleSerde
@@ -161,24 +160,20 @@ class Serializable:
 
 
 def _canonical_names(module: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
-    """`{canonical key: (parameter, transposed?)}` of any module built from our blocks.
-
-    The canonical names follow the module tree (SPEC §4): LayerNorm weight/bias are
-    `gamma`/`beta`, linear weights are stored `[in, out]`. For a whole `Model` this is
+    """`{canonical key: (tensor, transposed?)}` of every entry of `module.state_dict()`
+    (parameters and persistent buffers), by attribute path, as the published `Serde` names
+    them: a LayerNorm's weight/bias are `gamma`/`beta`, a Linear's weight is stored
+    `[in, out]`; anything else keeps its state-dict name. For a whole `Model` this is
     exactly the schema's key list.
     """
     names: dict[str, tuple[torch.Tensor, bool]] = {}
-    for path, sub in module.named_modules():
-        prefix = f"{path}." if path else ""
-        if isinstance(sub, nn.LayerNorm):
-            names[prefix + "gamma"] = (sub.weight, False)
-            names[prefix + "beta"] = (sub.bias, False)
-        elif isinstance(sub, nn.Linear):
-            names[prefix + "weight"] = (sub.weight, True)
-            if sub.bias is not None:
-                names[prefix + "bias"] = (sub.bias, False)
-        elif isinstance(sub, nn.Embedding):
-            names[prefix + "weight"] = (sub.weight, False)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(path)
+        transposed = isinstance(owner, nn.Linear) and leaf == "weight"
+        if isinstance(owner, nn.LayerNorm):
+            leaf = {"weight": "gamma", "bias": "beta"}.get(leaf, leaf)
+        names[f"{path}.{leaf}" if path else leaf] = (tensor, transposed)
     return names
 
 
@@ -186,8 +181,9 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class Serde(ModuleSerde[M]):
-    """`ModuleSerde` over a torch module: canonical safetensors for a `Model` or any
-    block of one (`Encoder`, `Layer`, `MultiHeadAttention`, ...)."""
+    """`ModuleSerde` over a torch module: canonical safetensors for a `Model`, any block of
+    one (`Encoder`, `Layer`, `MultiHeadAttention`, ...) or any `nn.Module` (its state dict
+    by attribute path)."""
 
     def __init__(self, module: M):
         if not isinstance(module, nn.Module):
@@ -195,26 +191,38 @@ class Serde(ModuleSerde[M]):
         super().__init__(module)
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        if isinstance(getattr(self.module, "config", None), ModelConfig) and hasattr(
-                self.module, "encoder"):
-            return canonical_arrays(self.module)  # type: ignore[arg-type]
+        if self._model_config() is not None:
+            return canonical_arrays(self.module)
         out = {}
-        for key, (param, transposed) in _canonical_names(self.module).items():
-            arr = param.detach().to("cpu", torch.float32).numpy()
+        for key, (tensor, transposed) in _canonical_names(self.module).items():
+            arr = tensor.detach().to("cpu", torch.float32).numpy()
             out[key] = arr.T if transposed else arr
         return out
 
-    def _read(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> M:
-        names = _canonical_names(self.module)
-        expected = {key: tuple(p.T.shape if t else p.shape) for key, (p, t) in names.items()}
-        arrays, _ = read_tensors(source, expected)
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.T.shape if transposed else t.shape)
+                for key, (t, transposed) in _canonical_names(self.module).items()}
+
+    def _write(self, arrays: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
-            for key, (param, transposed) in names.items():
+            for key, (tensor, transposed) in _canonical_names(self.module).items():
                 value = torch.from_numpy(np.array(arrays[key]))
-                param.copy_(value.T if transposed else value)
-        return self.module
+                tensor.copy_(value.T if transposed else value)
+
+    def _become(self, arrays: dict[str, np.ndarray], config: ModelConfig) -> None:
+        # A model of the file's sizes, on the module's device and in its dtype, whose
+        # blocks replace the module's (a Module attribute set on a Module is registered).
+        model = self.module
+        like = next(model.parameters())
+        built = _build(arrays, config, like.device, type(model))
+        if like.dtype != built.embedding.weight.dtype:
+            built.to(like.dtype)
+        for name, block in built.named_children():
+            setattr(model, name, block)
+        model.config = config
+        model.train(model.training)
 
 
 def load_safetensor_into(module: nn.Module, data: bytes | bytearray | memoryview) -> None:
-    """Write canonical safetensors `data` into `module`'s parameters (in place)."""
+    """Write canonical safetensors `data` into `module`'s tensors (in place)."""
     Serde(module).deserialize(data)
