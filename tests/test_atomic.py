@@ -157,22 +157,32 @@ def test_read_only_file_is_not_replaced(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- kills
 
+# The writer child starts from a known SIGINT disposition, whatever this test process
+# inherited: a suite started from a background job (`./scripts/test.sh &`, nohup, some CI
+# runners) has SIGINT ignored, and an ignored disposition survives exec. argv[2] is
+# "default" (what an interactive Python gets: KeyboardInterrupt) or "ignored".
 WRITER = r"""
-import sys, time
+import signal, sys, time
+if sys.argv[2] == "default":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+else:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 from soma_models.atomic import atomic_write
 def pieces():
     yield b"x" * 1000
-    print("writing", flush=True)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    print("writing, SIGINT ignored" if ignored else "writing", flush=True)
     time.sleep(60)
     yield b"y"
 atomic_write(sys.argv[1], pieces())
 """
 
 
-def start_writer(dest: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(dest)], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "writing"
+def start_writer(dest: Path, sigint: str = "default", expect: str = "writing"
+                 ) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(dest), sigint],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == expect
     assert len(litter(dest.parent)) == 1  # the temporary exists while writing
     return proc
 
@@ -188,6 +198,27 @@ def test_signal_removes_the_temporary_in_flight(tmp_path, signum):
     if signum == signal.SIGTERM:
         assert code == -signal.SIGTERM  # still dies of the signal
     assert litter(tmp_path) == [] and dest.read_bytes() == b"old"
+
+
+def test_an_inherited_ignored_sigint_stays_ignored_and_sigterm_still_cleans(tmp_path):
+    # The launcher asked for immunity to Ctrl-C (a background job): the writer keeps it,
+    # so its SIGINT does nothing; SIGTERM still removes the temporary.
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old")
+    proc = start_writer(dest, "ignored", expect="writing, SIGINT ignored")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert litter(tmp_path) == [] and dest.read_bytes() == b"old"
+
+
+def test_install_keeps_an_ignored_sigint_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        atomic.install_signal_cleanup()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigkill_litter_is_removed_by_the_next_writer(tmp_path):

@@ -9,6 +9,11 @@ module owns those temporary names and makes sure they do not outlive their write
 * SIGTERM and SIGINT remove the temporaries in flight before the process goes (handlers
   are installed on first use, from the main thread, and chain to any Python handler that
   was already there, whose exception then unwinds the writer);
+* a signal the process inherited as ignored stays ignored. A shell starts a background
+  job (`cmd &`, nohup, some CI runners) with SIGINT ignored so that a Ctrl-C meant for the
+  foreground does not kill it; installing a handler would undo that choice. Such a
+  writer is not stopped by SIGINT, so it leaves nothing behind on SIGINT either; SIGTERM
+  (and the fallbacks below) still apply;
 * SIGKILL cannot be caught: the next writer into the same folder removes what a dead
   process left (`clean_stale`, called by `staging` itself).
 
