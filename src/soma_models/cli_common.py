@@ -4,7 +4,7 @@ Both `soma-models` (`soma_models.cli`) and `soma-models train` (`soma_models.tra
 use these, so an option means the same thing, and fails the same way, everywhere:
 
 * argument types (`seed`, `positive_int`, `micro_batch`, `device`, `input_file`,
-  `output_file`) check a value while the command line is parsed, before any work starts;
+  `output_file`, `protocol`) check a value while the command line is parsed, before any work starts;
   a bad value is one line `PROG: error: argument --x: ...` with exit status 2 (`Parser`);
 * `run` calls a command and turns a user-facing exception into one line
   `PROG: error: ...` with exit status 1 (130 on Ctrl-C); SOMA_MODELS_DEBUG=1 re-raises;
@@ -113,6 +113,16 @@ def device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N or mps")
 
 
+def protocol(text: str) -> str:
+    """A revision name or alias ("0.1.7", "latest", "0.1.1"), as the revision's name."""
+    from soma_models.v1.revisions import UnknownProtocolError, lookup
+
+    try:
+        return lookup(text.strip()).name
+    except UnknownProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def input_file(text: str) -> str:
     """A path to an existing file (not a folder)."""
     path = Path(text)
@@ -175,8 +185,7 @@ USER_ERRORS = (UserError, WeightsError, ValueError, TypeError, OSError, ImportEr
 
 
 def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
-        prog: str, *, interrupted: str = "interrupted",
-        user_errors: tuple[type[BaseException], ...] = ()) -> int:
+        prog: str, *, interrupted: str = "interrupted") -> int:
     """Run `command(args)` with one-line warnings; a user error is one line on stderr
     (exit 1), Ctrl-C exit 130. SOMA_MODELS_DEBUG=1 lets the traceback through."""
     with one_line_warnings(prog):
@@ -185,7 +194,7 @@ def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Name
         except KeyboardInterrupt:
             print(f"{prog}: {interrupted}", file=sys.stderr)
             return 130
-        except USER_ERRORS + tuple(user_errors) as exc:
+        except USER_ERRORS as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
             print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)

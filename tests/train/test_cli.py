@@ -131,7 +131,8 @@ NO_CUDA = "this torch build has no CUDA" if torch.version.cuda is None else \
     (["--max-minutes=-1"], "argument --max-minutes: must be a finite number > 0"),
     (["--seed=-1"], "argument --seed: seed must be in [0, 2**64 - 1] (a u64), got -1"),
     (["--score-seed", str(2**64)], "argument --score-seed: seed must be in [0, 2**64 - 1]"),
-    (["--protocol", "0.2"], "argument --protocol: unknown revision '0.2'; known: 0.1.1, 0.1.7"),
+    (["--protocol", "0.2"],
+     "argument --protocol: unknown protocol revision '0.2'; known: 0.1.1, 0.1.7, latest"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--micro-batch-size", "3"], "batch size 4 is not a multiple of micro-batch size 3"),
 ])

@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from soma_models.cli_common import Parser, device, input_file, positive_int, seed
+from soma_models.cli_common import protocol as _protocol
 from soma_models.cli_common import run as run_command
 from soma_models.train import options
 from soma_models.train.errors import TrainConfigError
 from soma_models.v1.configs import PRESETS
-from soma_models.v1.revisions import known_names, lookup, resolve
+from soma_models.v1.revisions import known_names, resolve
 
 PROG = "soma-models"
 
@@ -101,14 +102,6 @@ def _out_folder(text: str) -> str:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder")
     return text
-
-
-def _protocol(text: str) -> str:
-    try:
-        return lookup(text).name
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown revision {text!r}; known: {', '.join(known_names())}") from None
 
 
 # ------------------------------------------------------------------ options

@@ -13,6 +13,7 @@ import torch
 
 from soma_models.atomic import atomic_write
 from soma_models.v1.configs import SIGRegConfig
+from soma_models.v1.contract import ScoringContract
 from soma_models.v1.scoring import Score, score
 from soma_models.v1.tokenizer import iter_batches
 from soma_models.v1.torch.loss import cross_entropy_sum
@@ -69,14 +70,19 @@ def heldout_cross_entropy(model: torch.nn.Module, data: bytes, max_seq_len: int,
 
 
 @torch.no_grad()
-def exact_score(model: torch.nn.Module, data: bytes, seed: int, *, max_seq_len: int,
-                batch_size: int, sig_reg_config: SIGRegConfig | None = None) -> Score:
+def exact_score(model: torch.nn.Module, data: bytes, seed: int, *,
+                contract: ScoringContract | None = None, max_seq_len: int | None = None,
+                batch_size: int | None = None,
+                sig_reg_config: SIGRegConfig | None = None) -> Score:
     """The on-chain score of `model` on `data` with `seed` (SPEC §6), by
-    `soma_models.v1.scoring.score` itself: the trainer reports the number the chain would."""
+    `soma_models.v1.scoring.score` itself: the trainer reports the number the chain would.
+
+    contract: the run's revision and scoring settings (None: the process-wide revision's);
+    the parts override it. `Score.protocol` names the contract's revision."""
     was_training = model.training
     model.eval()
     try:
-        return score(model, data, seed, model_config=model.config,
+        return score(model, data, seed, model_config=model.config, contract=contract,
                      sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
                      batch_size=batch_size)
     finally:

@@ -82,6 +82,7 @@ from soma_models.v1.configs import (
     SIGRegConfig,
     preset,
 )
+from soma_models.v1.contract import ScoringContract
 from soma_models.v1.revisions import Revision, resolve
 from soma_models.v1.torch import train_step as step_lib
 from soma_models.v1.torch.modules import Model, SIGReg
@@ -619,9 +620,9 @@ class Trainer:
                 del out[f"val_ce_at_{cfg.seq_len}"]
             if with_score:
                 result = exact_score(plain, self.val_data, cfg.score_seed,
-                                     max_seq_len=self.score_seq_len,
-                                     batch_size=cfg.score_batch_size,
-                                     sig_reg_config=SIGRegConfig.for_protocol(self.revision))
+                                     contract=ScoringContract.of(
+                                         self.revision, max_seq_len=self.score_seq_len,
+                                         batch_size=cfg.score_batch_size))
                 out["score"] = float(result.loss)
         distrib.barrier(self.ctx)
         return out

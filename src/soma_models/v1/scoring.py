@@ -38,8 +38,9 @@ from soma_models.v1.batch_order import (
     order_count,
 )
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
+from soma_models.v1.contract import ScoringContract
 from soma_models.v1.noise import check_seed, scoring_noise
-from soma_models.v1.revisions import Revision, resolve
+from soma_models.v1.revisions import Revision
 from soma_models.v1.schema import recorded_protocol
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches, num_batches
 from soma_models.v1.transit import (
@@ -111,8 +112,9 @@ class Competition:
     protocol: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"protocol": self.protocol, "winner": self.winner, "loss": self.loss, "embedding": self.embedding.tolist(),
-                "distance": self.distance, "losses": self.losses}
+        return {"protocol": self.protocol, "winner": self.winner, "loss": self.loss,
+                "embedding": self.embedding.tolist(), "distance": self.distance,
+                "losses": self.losses}
 
 
 # --------------------------------------------------------------------------- noise
@@ -184,14 +186,16 @@ def _warn_on_recorded_revision(source: object, weights: object, revision: Revisi
 def load_backend(weights: object, *, model_config: ModelConfig | None = None,
                  sig_reg_config: SIGRegConfig | None = None, framework: str = "torch",
                  device: object = None, key: object | None = None,
-                 protocol: str | Revision | None = None) -> ScoringBackend:
+                 protocol: str | Revision | None = None,
+                 contract: ScoringContract | None = None) -> ScoringBackend:
     """Open `weights` (path, bytes, canonical arrays or a loaded model) for scoring.
 
-    protocol: the revision scored under (None: the process-wide one); it gives the SIGReg
-        settings when `sig_reg_config` is None, and a file recording another revision in
-        its metadata gets a `RevisionMismatchWarning`.
+    contract, protocol, sig_reg_config: the revision scored under and its SIGReg settings
+        (`ScoringContract.resolve`; all None: the process-wide revision's). A file
+        recording another revision in its metadata gets a `RevisionMismatchWarning`.
     """
-    revision = resolve(protocol)
+    contract = ScoringContract.resolve(contract, protocol, sig_reg_config=sig_reg_config)
+    revision = contract.revision
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
     loaded = model_framework(weights)
@@ -203,7 +207,6 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
         raise FileNotFoundError(f"{os.fspath(weights)}: no such weights file")
     source = decrypt_source(weights, key)
     _warn_on_recorded_revision(source, weights, revision)
-    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
     try:
         if framework == "torch":
             from soma_models.v1.torch.evaluate import TorchBackend as backend_cls
@@ -214,7 +217,7 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
                           f"(pip install 'soma-models[{framework}]'): {exc}") from exc
     try:
         return backend_cls.open(source, model_config=model_config,
-                                sig_reg_config=sig_reg_config, device=device)
+                                sig_reg_config=contract.sig_reg, device=device)
     except WeightsFormatError as exc:
         if key is None:
             raise
@@ -331,15 +334,16 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
                   max_seq_len: int | None = None, batch_size: int | None = None,
                   micro_batch_size: int | str | None = None, batch_order_range: bool = False,
                   progress: bool = False, noise: NoiseSource | None = None,
-                  desc: str = "scoring", protocol: str | Revision | None = None) -> Score:
+                  desc: str = "scoring", protocol: str | Revision | None = None,
+                  contract: ScoringContract | None = None) -> Score:
     """Score an opened backend (see `score` for the arguments)."""
     seed = check_seed(seed)
-    revision = resolve(protocol)
-    max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
-    batch_size = revision.batch_size if batch_size is None else batch_size
+    contract = ScoringContract.resolve(contract, protocol, max_seq_len=max_seq_len,
+                                       batch_size=batch_size, sig_reg_config=sig_reg_config)
+    max_seq_len, batch_size = contract.max_seq_len, contract.batch_size
+    sig_reg_config = contract.sig_reg
     config = backend.config
     config.require_contract_vocab()
-    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
     batches: Iterator[ArrayBatch] = iter_batches(
         data, max_seq_len, batch_size)  # type: ignore[arg-type]
     n_batches = num_batches(_data_length(data), max_seq_len, batch_size)
@@ -377,7 +381,8 @@ def score_backend(backend: ScoringBackend, data: object, seed: int, *,
         order_range = BatchOrderRange(low=(fixed + low) / n_batches,
                                       high=(fixed + high) / n_batches, exact=exact,
                                       orders=order_count(n_batches), n_batches=n_batches)
-    return Score(float(means.loss), means.embedding, batch_losses, order_range, revision.name)
+    return Score(float(means.loss), means.embedding, batch_losses, order_range,
+                 contract.protocol)
 
 
 def score(weights: object, data: object, seed: int, *, model_config: ModelConfig | None = None,
@@ -385,13 +390,16 @@ def score(weights: object, data: object, seed: int, *, model_config: ModelConfig
           batch_size: int | None = None, framework: str = "torch", device: object = None,
           micro_batch_size: int | str | None = None, progress: bool = False,
           key: object | None = None, batch_order_range: bool = False,
-          protocol: str | Revision | None = None) -> Score:
+          protocol: str | Revision | None = None,
+          contract: ScoringContract | None = None) -> Score:
     """Score `weights` on `data` with `seed` exactly as the chain does (SPEC §6).
 
     protocol: the revision whose runtime is reproduced: "0.1.7" (alias "latest"; the
         network) or "0.1.1" (the product page). None: `SOMA_MODELS_PROTOCOL` as read at
         import, else "0.1.7". It gives `max_seq_len`, `batch_size` and `sig_reg_config`
         whenever those are None (give them only for experiments), and `Score.protocol`.
+    contract: a `ScoringContract` (revision and settings in one value) instead of
+        `protocol`; `max_seq_len`, `batch_size`, `sig_reg_config` still override its parts.
 
     weights: path, bytes, dict of canonical arrays, or a loaded torch/Flax `Model`
         (config inferred from the shapes when `model_config` is None; heads from the
@@ -410,7 +418,8 @@ def score(weights: object, data: object, seed: int, *, model_config: ModelConfig
                    sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
                    batch_size=batch_size, framework=framework, device=device,
                    micro_batch_size=micro_batch_size, progress=progress,
-                   batch_order_range=batch_order_range, protocol=protocol).scores[0]
+                   batch_order_range=batch_order_range, protocol=protocol,
+                   contract=contract).scores[0]
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -474,38 +483,35 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
             micro_batch_size: int | str | None = None, progress: bool = False,
             batch_order_range: bool = False,
             on_score: Callable[[int, Score], None] | None = None,
-            protocol: str | Revision | None = None) -> Competition:
+            protocol: str | Revision | None = None,
+            contract: ScoringContract | None = None) -> Competition:
     """Score every weights on the same data and seed; the lowest loss wins (SPEC §7).
 
     target: `[D]` embedding the winner is compared with (cosine distance), or None.
     keys: one decryption key (or None) per weights.
     on_score: called with `(index, score)` as each model finishes.
-    Other arguments as for `score` (`protocol` picks the revision). Models are loaded one
+    Other arguments as for `score` (`protocol` or `contract` picks the revision, the parts
+    override it). Models are loaded one
     at a time (memory holds one model); the noise is drawn once and shared while it fits a
     1 GiB cache. A NaN loss gets one `NaNLossWarning` line.
     """
-    revision = resolve(protocol)
-    max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
-    batch_size = revision.batch_size if batch_size is None else batch_size
-    sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
+    contract = ScoringContract.resolve(contract, protocol, max_seq_len=max_seq_len,
+                                       batch_size=batch_size, sig_reg_config=sig_reg_config)
     weights_list, keys = pair_keys(weights_list, keys, "compete", "weights")
     seed = check_seed(seed)
     if isinstance(data, mmap.mmap):
         data = memoryview(data)
     # Refuse bad data before paying for loading any weights.
-    next(iter_batches(data, max_seq_len, batch_size))  # type: ignore[arg-type]
+    next(iter_batches(data, contract.max_seq_len, contract.batch_size))  # type: ignore[arg-type]
     noise = NoiseSource(seed)
     scores: list[Score] = []
     for i, (weights, key) in enumerate(zip(weights_list, keys)):
-        backend = load_backend(weights, model_config=model_config,
-                               sig_reg_config=sig_reg_config, framework=framework,
-                               device=device, key=key, protocol=revision)
+        backend = load_backend(weights, model_config=model_config, framework=framework,
+                               device=device, key=key, contract=contract)
         desc = f"scoring {i + 1}/{len(weights_list)}" if len(weights_list) > 1 else "scoring"
-        result = score_backend(backend, data, seed, sig_reg_config=sig_reg_config,
-                               max_seq_len=max_seq_len, batch_size=batch_size,
-                               micro_batch_size=micro_batch_size,
+        result = score_backend(backend, data, seed, micro_batch_size=micro_batch_size,
                                batch_order_range=batch_order_range, progress=progress,
-                               noise=noise, desc=desc, protocol=revision)
+                               noise=noise, desc=desc, contract=contract)
         del backend  # free this model before loading the next
         scores.append(result)
         if on_score is not None:
@@ -519,9 +525,9 @@ def compete(weights_list: Sequence[object], data: object, seed: int,
     best = scores[winner]
     distance = None if target is None else cosine_distance(best.embedding, np.asarray(target))
     return Competition(winner, best.loss, best.embedding, distance, losses, scores,
-                       revision.name)
+                       contract.protocol)
 
 
 __all__ = ["Competition", "NaNLossWarning", "Report", "RevisionMismatchWarning", "Score",
-           "commitment", "compete", "decrypt_weights",
+           "ScoringContract", "commitment", "compete", "decrypt_weights",
            "encrypt_weights", "score", "validate"]

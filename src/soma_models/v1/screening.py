@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import sys
 import time
@@ -39,8 +38,10 @@ import numpy as np
 
 from soma_models.v1.backend import PieceTerms, ScoringBackend
 from soma_models.v1.configs import V1_MAX_SUBMISSION_BYTES, ModelConfig, SIGRegConfig
+from soma_models.v1.contract import ScoringContract
+from soma_models.v1.inputs import finite_or_none, load_targets, map_file
 from soma_models.v1.noise import check_seed
-from soma_models.v1.revisions import resolve
+from soma_models.v1.revisions import Revision
 from soma_models.v1.scoring import (
     BatchResult,
     NaNLossWarning,
@@ -105,47 +106,13 @@ def find_samples(paths: Sequence[str | os.PathLike], exclude: Sequence[str | os.
     return found
 
 
-def load_targets(path: str | os.PathLike) -> np.ndarray:
-    """Targets `[n, D]` float32 from a `.npy` file or a JSON list of lists (a single
-    vector is one target)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such targets file")
-    if path.endswith(".npy"):
-        try:
-            values = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a numeric .npy array ({exc})") from None
-    else:
-        try:
-            values = json.loads(Path(path).read_text())
-            values = np.asarray(values, dtype=np.float64)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
-            raise ValueError(f"{path}: targets must be a .npy array or a JSON list of lists "
-                             "of numbers, all of the same length") from None
-    if values.ndim == 1:
-        values = values[None, :]
-    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
-        raise ValueError(f"{path}: targets must be [n, embedding_dim] with n >= 1, got shape "
-                         f"{list(values.shape)}")
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ValueError(f"{path}: targets must be real numbers, got dtype {values.dtype}")
-    return np.asarray(values, dtype=np.float32)
-
-
 def read_sample(path: str) -> memoryview:
     """The sample's bytes, memory-mapped read-only (large samples are not copied)."""
-    with open(path, "rb") as fh:
-        check_sample_size(path, os.fstat(fh.fileno()).st_size, None)  # mmap needs a byte
-        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+    check_sample_size(path, os.path.getsize(path), None)  # mmap needs a byte
+    return map_file(path)
 
 
 # --------------------------------------------------------------------------- results
-
-def _finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN: a NaN or infinite value is written as null."""
-    return None if x is None or not math.isfinite(x) else float(x)
-
 
 @dataclass(frozen=True)
 class SampleResult:
@@ -172,13 +139,13 @@ class SampleResult:
         """The JSON line's fields (NaN written as null); the embedding only when asked."""
         out: dict[str, Any] = {
             "sample": self.sample, "bytes": self.bytes,
-            "losses": [_finite_or_none(x) for x in self.losses],
-            "winner": self.winner, "loss": _finite_or_none(self.loss)}
+            "losses": [finite_or_none(x) for x in self.losses],
+            "winner": self.winner, "loss": finite_or_none(self.loss)}
         if embeddings:
-            out["embedding"] = [_finite_or_none(float(v)) for v in self.embedding]
-        out["distances"] = [_finite_or_none(d) for d in self.distances]
+            out["embedding"] = [finite_or_none(float(v)) for v in self.embedding]
+        out["distances"] = [finite_or_none(d) for d in self.distances]
         out["nearest"] = self.nearest
-        out["distance"] = _finite_or_none(self.distance)
+        out["distance"] = finite_or_none(self.distance)
         if self.hit is not None:
             out["hit"] = self.hit
         return out
@@ -215,8 +182,9 @@ class Screener:
     weights_list: paths, bytes, canonical arrays or loaded models (as for `compete`).
     targets: `[n, D]` (or `[D]`) target embeddings.
     keys: one decryption key (or None) per weights.
-    protocol: the revision whose contract and SIGReg to use (None: the process-wide one);
-        `max_seq_len`, `batch_size`, `sig_reg_config` override it (experiments, tests).
+    protocol, contract: the revision whose contract and SIGReg to use, by name or as a
+        `ScoringContract` (neither: the process-wide revision's); `max_seq_len`,
+        `batch_size`, `sig_reg_config` override its parts (experiments, tests).
     micro_batch_size: rows per forward pass (None: the revision's batch size; "auto":
         about 2 GiB of activations per pass on an accelerator, 2-4 cache-sized rows on a
         CPU). Memory and speed only: results do not depend on it beyond float32
@@ -228,20 +196,23 @@ class Screener:
     """
 
     def __init__(self, weights_list: Sequence[object], targets: object, seed: int = 0, *,
-                 keys: Sequence[object | None] | None = None, protocol: object = None,
-                 model_config: ModelConfig | None = None,
+                 keys: Sequence[object | None] | None = None,
+                 protocol: str | Revision | None = None, model_config: ModelConfig | None = None,
                  sig_reg_config: SIGRegConfig | None = None, max_seq_len: int | None = None,
                  batch_size: int | None = None, framework: str = "torch",
                  device: object = None, micro_batch_size: int | str | None = None,
                  threshold: float | None = None,
-                 max_sample_bytes: int | None = V1_MAX_SUBMISSION_BYTES):
+                 max_sample_bytes: int | None = V1_MAX_SUBMISSION_BYTES,
+                 contract: ScoringContract | None = None):
         weights_list, keys = pair_keys(weights_list, keys, "screening", "models")
-        revision = resolve(protocol)
-        self.revision = revision
+        self.contract = ScoringContract.resolve(
+            contract, protocol, max_seq_len=max_seq_len, batch_size=batch_size,
+            sig_reg_config=sig_reg_config)
+        self.revision = self.contract.revision
         self.seed = check_seed(seed)
-        self.max_seq_len = revision.max_seq_len if max_seq_len is None else max_seq_len
-        self.batch_size = revision.batch_size if batch_size is None else batch_size
-        self.sig_reg_config = sig_reg_config or SIGRegConfig.for_protocol(revision)
+        self.max_seq_len = self.contract.max_seq_len
+        self.batch_size = self.contract.batch_size
+        self.sig_reg_config = self.contract.sig_reg
         targets = np.asarray(targets, dtype=np.float32)
         self.targets = targets[None, :] if targets.ndim == 1 else targets
         if self.targets.ndim != 2 or self.targets.shape[0] == 0:
@@ -258,9 +229,8 @@ class Screener:
         self.names = [os.fspath(w) if isinstance(w, (str, os.PathLike)) else f"#{i}"
                       for i, w in enumerate(weights_list)]
         for weights, key in zip(weights_list, keys):
-            backend = load_backend(weights, model_config=model_config,
-                                   sig_reg_config=self.sig_reg_config, framework=framework,
-                                   device=device, key=key, protocol=revision)
+            backend = load_backend(weights, model_config=model_config, framework=framework,
+                                   device=device, key=key, contract=self.contract)
             backend.config.require_contract_vocab()
             self.backends.append(backend)
             self._check_dims(weights, backend.config.embedding_dim)
