@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -153,6 +154,57 @@ def test_read_only_file_is_not_replaced(tmp_path, monkeypatch):
         atomic_write(dest, [b"new"])
     assert str(dest) in str(exc.value)
     assert dest.read_bytes() == b"old" and litter(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_files_names_the_destination():
+    # /proc exists (and passes the writable check as root) but takes no new file.
+    with pytest.raises(OSError) as exc:
+        atomic_write("/proc/w.safetensors", [b"x"])
+    assert str(exc.value) == ("/proc/w.safetensors: cannot write: folder /proc does not "
+                              "take new files")
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EROFS, "Read-only file system"),
+                                   FileNotFoundError(errno.ENOENT, "No such file or directory")])
+def test_creating_the_temporary_fails_naming_the_destination(tmp_path, monkeypatch, error):
+    dest = tmp_path / "out.bin"
+
+    def refuse(path, *args, **kwargs):
+        error.filename = str(path)
+        raise error
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(type(error)) as exc:
+        atomic_write(dest, [b"x"])
+    message = str(exc.value)
+    assert message.startswith(f"{dest}: cannot write: ") and "soma-tmp" not in message
+    assert "\n" not in message and exc.value.errno == error.errno
+
+
+def test_a_failed_write_names_the_destination_and_leaves_nothing(tmp_path, monkeypatch):
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as exc:
+        atomic_write(dest, [b"new"])
+    assert str(exc.value) == f"{dest}: cannot write: no space left on device"
+    assert exc.value.errno == errno.ENOSPC
+    assert dest.read_bytes() == b"old" and litter(tmp_path) == []
+
+
+def test_an_error_making_a_piece_is_not_reworded(tmp_path):
+    def pieces():
+        yield b"x"
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "source.bin")
+
+    with pytest.raises(FileNotFoundError, match="source.bin"):
+        atomic_write(tmp_path / "out.bin", pieces())
+    assert litter(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- kills

@@ -183,6 +183,21 @@ def _destination_problem(dest: Path, directory: bool) -> OSError | None:
     return None
 
 
+def _about_dest(exc: OSError, dest: Path) -> OSError:
+    """`exc` (same type, same errno) reworded as one line naming `dest`, never our hidden
+    temporary: the user asked to write `dest` and has never heard of the temporary."""
+    if isinstance(exc, FileNotFoundError) and dest.parent.is_dir():
+        # The folder exists but no file can be created in it (e.g. /proc).
+        reason = f"folder {dest.parent} does not take new files"
+    elif exc.strerror:
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+    else:
+        reason = str(exc).replace(str(exc.filename), str(dest)) if exc.filename else str(exc)
+    reworded = type(exc)(f"{dest}: cannot write: {reason}")
+    reworded.errno = exc.errno
+    return reworded
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -221,7 +236,10 @@ def staging(dest: PathLike, *, directory: bool = False) -> Iterator[Path]:
         _in_flight.add(tmp)
     try:
         if directory:
-            tmp.mkdir()
+            try:
+                tmp.mkdir()
+            except OSError as exc:
+                raise _about_dest(exc, dest) from None
         yield tmp
         if directory:
             _fsync_folder(tmp)
@@ -241,10 +259,10 @@ def staging(dest: PathLike, *, directory: bool = False) -> Iterator[Path]:
                 _remove(aside)
             else:
                 os.replace(tmp, dest)
-        except PermissionError:
-            raise PermissionError(f"{dest}: cannot write: permission denied") from None
         except IsADirectoryError:
             raise IsADirectoryError(f"{dest}: is a directory, expected a file name") from None
+        except OSError as exc:
+            raise _about_dest(exc, dest) from None
         _fsync_folder(dest.parent)
     except BaseException:
         _remove(tmp)
@@ -264,11 +282,23 @@ def atomic_write(path: PathLike, pieces: Iterable[Any]) -> None:
     with staging(path) as tmp:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except PermissionError:
-            raise PermissionError(f"{path}: cannot write: permission denied") from None
+        except OSError as exc:  # e.g. a folder that takes no new files (/proc), read-only
+            raise _about_dest(exc, path) from None
         with os.fdopen(fd, "wb") as fh:
-            for piece in pieces:
+            for piece in pieces:  # an error making a piece (reading a source) is its own
                 # Arrays expose their buffer (`.data`); bytes-likes are written as they are.
-                fh.write(piece.data if hasattr(piece, "__array_interface__") else piece)
+                _write(fh, piece.data if hasattr(piece, "__array_interface__") else piece, path)
+            _write(fh, None, path)
+
+
+def _write(fh: Any, data: Any, path: Path) -> None:
+    """Write `data` to `fh` (None: flush and fsync); an OSError (e.g. a full disk) names
+    `path`, not the temporary `fh` is."""
+    try:
+        if data is None:
             fh.flush()
             os.fsync(fh.fileno())
+        else:
+            fh.write(data)
+    except OSError as exc:
+        raise _about_dest(exc, path) from None
