@@ -41,6 +41,7 @@ import numpy as np
 
 from soma_models.v1.configs import V1_EMBEDDING_DIM, V1_PWFF_HIDDEN_DIM, V1_VOCAB_SIZE
 from soma_models.v1.revisions import ARCHITECTURE_VERSION, Revision, resolve
+from soma_models.v1.sources import check_weights
 from soma_models.v1.transit import (
     CHUNK_BYTES,
     KeyLike,
@@ -230,6 +231,7 @@ def publish(weights: str | os.PathLike, data: object, output_dir: str | os.PathL
     from soma_models.v1.scoring import score
     from soma_models.v1.validation import validate
 
+    check_weights(weights, ("path",))
     revision = resolve(protocol)
     source = Path(weights)
     output = Path(output_dir)

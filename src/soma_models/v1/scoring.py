@@ -42,6 +42,7 @@ from soma_models.v1.contract import ScoringContract
 from soma_models.v1.noise import check_seed, scoring_noise
 from soma_models.v1.revisions import Revision
 from soma_models.v1.schema import recorded_protocol
+from soma_models.v1.sources import check_weights, model_framework
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches, num_batches
 from soma_models.v1.transit import (
     commitment,
@@ -140,27 +141,6 @@ class NoiseSource:
 
 # --------------------------------------------------------------------------- weights
 
-def _is_instance_of(obj: object, module: str, attr_path: str) -> bool:
-    """isinstance check against a class of an *already imported* framework."""
-    if module not in sys.modules:
-        return False
-    cls: Any = sys.modules[module]
-    for part in attr_path.split("."):
-        cls = getattr(cls, part, None)
-        if cls is None:
-            return False
-    return isinstance(obj, cls)
-
-
-def model_framework(weights: object) -> str | None:
-    """'torch' or 'flax' when `weights` is a loaded model, else None."""
-    if _is_instance_of(weights, "torch", "nn.Module"):
-        return "torch"
-    if _is_instance_of(weights, "flax.nnx", "Module"):
-        return "flax"
-    return None
-
-
 class RevisionMismatchWarning(UserWarning):
     """A weights file records another revision than the one it is scored under."""
 
@@ -194,6 +174,7 @@ def load_backend(weights: object, *, model_config: ModelConfig | None = None,
         (`ScoringContract.resolve`; all None: the process-wide revision's). A file
         recording another revision in its metadata gets a `RevisionMismatchWarning`.
     """
+    check_weights(weights)
     contract = ScoringContract.resolve(contract, protocol, sig_reg_config=sig_reg_config)
     revision = contract.revision
     if framework not in FRAMEWORKS:

@@ -44,6 +44,7 @@ from soma_models.v1.schema import (
     heads_note,
     infer_config,
 )
+from soma_models.v1.sources import check_weights
 from soma_models.v1.transit import KeyLike, decrypt_source
 
 # Values checked per step of the NaN/Inf scan (16 M float32 = 64 MB of temporaries).
@@ -180,6 +181,7 @@ def validate(weights: str | os.PathLike | bytes | bytearray | memoryview,
     protocol: revision name ("0.1.1", "0.1.7", "latest"); None is the process-wide one.
         A full-width file needs at least its runtime's layer count; more are ignored.
     """
+    check_weights(weights, ("path", "bytes"))
     revision = resolve(protocol)
     name = describe_source(weights)
     report = Report(name, protocol=revision.name)
