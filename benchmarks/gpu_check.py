@@ -277,7 +277,8 @@ def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | No
     for name, seconds, tokens_per_s, flops, memory in rows:
         mfu = f"{flops / (peak_tflops * 1e12):.1%}" if peak_tflops else "n/a"
         mem = f"{memory:.1f}" if memory is not None else "-"
-        print(f"{name:<16}{seconds:>9.3f}{tokens_per_s:>11.0f}{flops / 1e12:>9.1f}{mfu:>7}{mem:>10}")
+        print(f"{name:<16}{seconds:>9.3f}{tokens_per_s:>11.0f}{flops / 1e12:>9.1f}{mfu:>7}"
+              f"{mem:>10}")
     print(f"ours / nanoGPT-style tokens/s: {rows[0][2] / rows[1][2]:.2f}x"
           + ("" if peak_tflops else "  (MFU: unknown device peak; pass --peak-tflops)"))
 

@@ -232,7 +232,8 @@ def test_paths_that_are_folders_or_missing_fail_before_work(files, tmp_path, cap
                     bad, what)
     usage_error(capsys, ["init", folder, "--config", "tiny"], "argument output", folder,
                 "is a directory")
-    usage_error(capsys, ["init", str(tmp_path / "no" / "w.st")], "argument output", "does not exist")
+    usage_error(capsys, ["init", str(tmp_path / "no" / "w.st")], "argument output",
+                "does not exist")
     usage_error(capsys, ["encrypt", w1, "-o", folder], "argument -o/--output", "is a directory")
     usage_error(capsys, ["score", w1, "--data", data, "--seed", "1", "--micro-batch-size", "0"],
                 "argument --micro-batch-size")

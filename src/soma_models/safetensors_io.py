@@ -346,7 +346,8 @@ class SafetensorsFile:
         info = self.header.tensors[name]
         dtype = _storage_dtype(info.dtype)
         if dtype is None:
-            raise WeightsFormatError(self.name, [f"tensor {name!r}: dtype {info.dtype} cannot be read"])
+            raise WeightsFormatError(self.name,
+                                     [f"tensor {name!r}: dtype {info.dtype} cannot be read"])
         count = (info.end - info.begin) // dtype.itemsize
         flat = np.frombuffer(self._raw, dtype=dtype, count=count,
                              offset=self.header.data_start + info.begin)

@@ -137,7 +137,8 @@ def test_attention_flax_keywords_take_effect() -> None:
     ones = nnx.initializers.ones_init()
     mha = MultiHeadAttention(2, 16, out_kernel_init=ones, out_bias_init=ones, rngs=nnx.Rngs(0))
     assert (np.asarray(mha.output.kernel[...]) == 1).all()
-    assert (np.asarray(mha.output.bias[...]) == 1).all() and not np.asarray(mha.query.bias[...]).any()
+    assert (np.asarray(mha.output.bias[...]) == 1).all()
+    assert not np.asarray(mha.query.bias[...]).any()
 
 
 def test_attention_dropout_at_call_time() -> None:

@@ -71,7 +71,8 @@ def test_chunk_table_addresses_every_chunk_of_every_document():
     table = ChunkTable(docs, 32)
     assert len(table) == 3 + 1
     batch = table.rows([3, 0])
-    np.testing.assert_array_equal(batch.token_ids[0], next(iter_batches(b"b" * 10, 32)).token_ids[0])
+    np.testing.assert_array_equal(batch.token_ids[0],
+                                  next(iter_batches(b"b" * 10, 32)).token_ids[0])
     np.testing.assert_array_equal(batch.pos_ids[1], np.arange(32))
 
 

@@ -107,7 +107,8 @@ def test_empty_data_gives_no_batches_but_the_array_form_refuses_it() -> None:
 
 @pytest.mark.parametrize("bad", ["text", None, 42, [1, 2, 3], np.zeros(3, np.int64)])
 def test_non_bytes_raise_type_error_naming_the_type(bad: object) -> None:
-    with pytest.raises(TypeError, match=type(bad).__name__ if not isinstance(bad, np.ndarray) else "uint8"):
+    expected = type(bad).__name__ if not isinstance(bad, np.ndarray) else "uint8"
+    with pytest.raises(TypeError, match=expected):
         tokenize(bad)  # type: ignore[arg-type]
 
 

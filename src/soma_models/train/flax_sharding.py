@@ -2,9 +2,9 @@
 
 The batch is split along its rows over the mesh's "data" axis; parameters and optimizer
 state are replicated. The step is the library's (`soma_models.v1.flax.train_step`), one
-`jax.jit` of the whole on-chain loss over the *global* batch, so XLA inserts the cross-device reductions itself: N devices compute
-the same loss and gradient as one device (up to float summation order) and every
-device applies the same AdamW update.
+`jax.jit` of the whole on-chain loss over the *global* batch, so XLA inserts the
+cross-device reductions itself: N devices compute the same loss and gradient as one device
+(up to float summation order) and every device applies the same AdamW update.
 
     mesh = data_mesh()                                   # all local devices
     step = ShardedTrainStep(model, mesh, lr=1e-3, total_steps=1000)
@@ -99,7 +99,10 @@ class ShardedTrainStep:
         if token_ids.shape[0] % devices:
             raise ValueError(f"batch of {token_ids.shape[0]} rows cannot be split evenly over "
                              f"{devices} devices")
-        put = lambda a, s: jax.device_put(jnp.asarray(a), s)
+
+        def put(a, s):
+            return jax.device_put(jnp.asarray(a), s)
+
         self.params, self.rest, self.opt_state, loss = self._step(
             self.params, self.rest, self.opt_state, put(token_ids, self.rows),
             put(targets, self.rows),

@@ -91,9 +91,10 @@ SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
 
 #: Settings `--resume` may change: they decide where and how a run is watched, saved and
 #: scheduled on hardware, not the weights it reaches (micro-batch size, process count and
-#: compilation change float summation order only; activation checkpointing nothing). Every other setting must match the checkpoint's;
-#: the model sizes are compared through the model config, the data through its
-#: fingerprint, and `init_from` only matters before the first step.
+#: compilation change float summation order only; activation checkpointing nothing). Every
+#: other setting must match the checkpoint's; the model sizes are compared through the model
+#: config, the data through its fingerprint, and `init_from` only matters before the first
+#: step.
 RESUME_MAY_CHANGE = frozenset({
     "data", "out_dir", "resume", "overwrite", "protocol", "init_from", "config", "dropout",
     *SIZE_FIELDS, "micro_batch_size", "eval_every", "eval_batch_size", "score_every",
@@ -677,10 +678,10 @@ class Trainer:
             plain.save(weights)
             records = read_metrics(self.log.path) if self.log.path.exists() else []
             if cfg.plot:
+                lengths = " then ".join(str(p.seq_len) for p in self.phases)
                 plot_path = plot_losses(records, self.out_dir / "loss.png",
-                                        title=f"{cfg.config} model, sequences of "
-                                              f"{' then '.join(str(p.seq_len) for p in self.phases)}"
-                                              f" bytes")
+                                        title=f"{cfg.config} model, sequences of {lengths} "
+                                              "bytes")
                 if plot_path is None:
                     print(MISSING_MATPLOTLIB, file=sys.stderr)
             summary = {"step": self.step, "tokens_per_s": speed, "seconds": seconds,

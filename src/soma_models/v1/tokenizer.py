@@ -194,7 +194,8 @@ def iter_batches(
     _check_sizes(max_seq_len, batch_size)
     n = len(view)
     if n == 0:
-        raise ValueError("data is empty: the runtime refuses it ('data loader produced no batches')")
+        raise ValueError("data is empty: the runtime refuses it "
+                         "('data loader produced no batches')")
     flat = np.frombuffer(view, dtype=np.uint8)
     total_chunks = num_chunks(n, max_seq_len)
     for first in range(0, total_chunks, batch_size):

@@ -39,7 +39,8 @@ def run_case(case: dict) -> np.ndarray:
         if kind == "param":
             return torch.from_numpy(build(case["params"]["param"])).numpy()
         if kind == "embedding":
-            emb = torch.nn.Embedding.from_pretrained(torch.from_numpy(params(case)["embedding.weight"]))
+            table = torch.from_numpy(params(case)["embedding.weight"])
+            emb = torch.nn.Embedding.from_pretrained(table)
             return emb(torch.tensor(inputs["tokens"])).numpy()
         if kind == "layer_norm":
             p = params(case, "layer_norm.")
@@ -59,7 +60,8 @@ def run_case(case: dict) -> np.ndarray:
             mha = MultiHeadAttention(_attention_config(cfg)).eval()
             for proj in ("query", "key", "value", "output"):
                 setattr(mha, proj, _linear(p[f"{proj}.weight"], p[f"{proj}.bias"]))
-            return mha(torch.from_numpy(build(inputs["x"])), torch.tensor(inputs["positions"])).numpy()
+            return mha(torch.from_numpy(build(inputs["x"])),
+                       torch.tensor(inputs["positions"])).numpy()
         if kind == "pwff":
             p = params(case)
             ff = PositionWiseFeedForward(ModelConfig(embedding_dim=cfg["embedding_dim"],

@@ -58,7 +58,8 @@ def test_loss_is_ce_plus_coefficient_times_sig_reg() -> None:
     model = Model(CONFIG).eval()
     (batch,) = tokenize(b"The quick brown fox jumps over the lazy dog." * 3, max_seq_len=40,
                         batch_size=8)
-    tokens, targets, pos = (torch.tensor(x) for x in (batch.token_ids, batch.targets, batch.pos_ids))
+    tokens, targets, pos = (torch.tensor(x)
+                            for x in (batch.token_ids, batch.targets, batch.pos_ids))
     noise = torch.randn(16, 64)
     config = SIGRegConfig(slices=64)
     loss, embedding = compute_loss(model, SIGReg(config), tokens, targets, pos, noise)

@@ -34,7 +34,8 @@ def test_round_trip_is_bit_exact(model: Model, tmp_path: Path) -> None:
     loaded = Model.load(path, CONFIG)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert Model.load_bytes(model.save_bytes(), CONFIG).state_dict().keys() == model.state_dict().keys()
+    reloaded = Model.load_bytes(model.save_bytes(), CONFIG)
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
     assert path.read_bytes() == model.save_bytes()
 
 
@@ -53,7 +54,8 @@ def test_file_layout_is_canonical(model: Model, tmp_path: Path) -> None:
     w = f.array("encoder.layers.0.pwff.linear_inner.weight")
     torch_w = model.encoder.layers[0].pwff.linear_inner.weight.detach().numpy()
     np.testing.assert_array_equal(w, torch_w.T)
-    np.testing.assert_array_equal(f.array("final_norm.gamma"), model.final_norm.weight.detach().numpy())
+    np.testing.assert_array_equal(f.array("final_norm.gamma"),
+                                  model.final_norm.weight.detach().numpy())
 
 
 def test_config_is_inferred_from_the_file(model: Model, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ here imports the model, not even for type hints (functions that build one take i
 `model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
-deserialize any module in place, by attribute path; see `soma_models.v1.serde`), `remap`, `flatten_dict` and `unflatten_dict`.
+deserialize any module in place, by attribute path; see `soma_models.v1.serde`), `remap`,
+`flatten_dict` and `unflatten_dict`.
 """
 
 from __future__ import annotations

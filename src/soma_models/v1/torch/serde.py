@@ -11,7 +11,8 @@ here imports the model, not even for type hints (functions that build one take i
 `model_cls`; a model passed in is any module with a `ModelConfig` as `config`).
 
 Also here, for code written against soma-models 0.1.x: `Serde(module)` (serialize /
-deserialize any module in place, by attribute path; see `soma_models.v1.serde`), `load_safetensor_into` and `remap`.
+deserialize any module in place, by attribute path; see `soma_models.v1.serde`),
+`load_safetensor_into` and `remap`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from soma_models.v1.flax.modules.attention import (
 )
 
 
-def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Materialised attention with the -1e4 fill, softmax and product in float64; also
     each row's future weight.
 
