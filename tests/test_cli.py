@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,3 +398,35 @@ def test_nan_loss_is_explained(files, tmp_path):
     assert f"winner     {files / 'w1.safetensors'}" in result.stdout
     notes = [line for line in result.stderr.splitlines() if "loss is NaN" in line]
     assert len(notes) == 1 and "passes over it" in notes[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_init_into_a_folder_that_takes_no_files_names_the_destination(capsys, monkeypatch):
+    monkeypatch.delenv("SOMA_MODELS_DEBUG", raising=False)
+    assert main(["init", "/proc/w.safetensors", "--config", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "/proc/w.safetensors: cannot write: folder /proc does not "
+                               "take new files")
+    assert "soma-tmp" not in err
+
+
+def test_debug_flag_and_variable_add_the_traceback_after_the_line(files, tmp_path):
+    data = tmp_path / "empty.bin"
+    data.write_bytes(b"")
+    args = ["score", str(files / "w1.safetensors"), "--data", str(data), "--seed", "0"]
+    plain = run(*args, ok=False)
+    assert plain.returncode == 1
+    assert_one_line_error(plain.stderr, "empty")
+    for debug_args, env in ((["--debug"], {}), ([], {"SOMA_MODELS_DEBUG": "1"})):
+        result = subprocess.run([sys.executable, "-m", "soma_models", *debug_args, *args],
+                                capture_output=True, text=True, timeout=300, check=False,
+                                env={**os.environ, **env})
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert lines[0] == plain.stderr.strip()
+        assert lines[1] == "Traceback (most recent call last):" and len(lines) > 3
+
+
+def test_help_documents_debug():
+    text = run("--help").stdout
+    assert "--debug" in text and "SOMA_MODELS_DEBUG=1" in " ".join(text.split())

@@ -101,14 +101,31 @@ def test_run_reports_one_line(raised, code, text, capsys, monkeypatch):
     assert capsys.readouterr().err == text + "\n"
 
 
-def test_run_debug_reraises(monkeypatch):
-    monkeypatch.setenv("SOMA_MODELS_DEBUG", "1")
+def _raise_from_a_helper(args):
+    def helper():
+        raise UserError("data.bin: empty")
+    helper()
 
-    def command(args):
-        raise UserError("x")
 
-    with pytest.raises(UserError):
-        run(command, argparse.Namespace(), "tool")
+@pytest.mark.parametrize(("env", "flag"), [("1", False), ("yes", False), (None, True)])
+def test_debug_prints_the_one_line_then_the_traceback(env, flag, capsys, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("SOMA_MODELS_DEBUG", raising=False)
+    else:
+        monkeypatch.setenv("SOMA_MODELS_DEBUG", env)
+    assert run(_raise_from_a_helper, argparse.Namespace(), "tool", debug=flag) == 1
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first == "tool: error: data.bin: empty"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert any("in helper" in line for line in rest)
+    assert rest[-1] == "soma_models.cli_common.UserError: data.bin: empty"
+
+
+@pytest.mark.parametrize("env", ["", "0", "false", "no"])
+def test_debug_off_values_keep_the_one_line(env, capsys, monkeypatch):
+    monkeypatch.setenv("SOMA_MODELS_DEBUG", env)
+    assert run(_raise_from_a_helper, argparse.Namespace(), "tool") == 1
+    assert capsys.readouterr().err == "tool: error: data.bin: empty\n"
 
 
 def test_warnings_are_one_line_without_source(capsys):

@@ -239,7 +239,7 @@ def staging(dest: PathLike, *, directory: bool = False) -> Iterator[Path]:
             try:
                 tmp.mkdir()
             except OSError as exc:
-                raise _about_dest(exc, dest) from None
+                raise _about_dest(exc, dest) from exc
         yield tmp
         if directory:
             _fsync_folder(tmp)
@@ -262,7 +262,7 @@ def staging(dest: PathLike, *, directory: bool = False) -> Iterator[Path]:
         except IsADirectoryError:
             raise IsADirectoryError(f"{dest}: is a directory, expected a file name") from None
         except OSError as exc:
-            raise _about_dest(exc, dest) from None
+            raise _about_dest(exc, dest) from exc
         _fsync_folder(dest.parent)
     except BaseException:
         _remove(tmp)
@@ -283,7 +283,7 @@ def atomic_write(path: PathLike, pieces: Iterable[Any]) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as exc:  # e.g. a folder that takes no new files (/proc), read-only
-            raise _about_dest(exc, path) from None
+            raise _about_dest(exc, path) from exc
         with os.fdopen(fd, "wb") as fh:
             for piece in pieces:  # an error making a piece (reading a source) is its own
                 # Arrays expose their buffer (`.data`); bytes-likes are written as they are.
@@ -301,4 +301,4 @@ def _write(fh: Any, data: Any, path: Path) -> None:
         else:
             fh.write(data)
     except OSError as exc:
-        raise _about_dest(exc, path) from None
+        raise _about_dest(exc, path) from exc

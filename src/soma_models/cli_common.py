@@ -7,7 +7,8 @@ use these, so an option means the same thing, and fails the same way, everywhere
   `output_file`, `protocol`) check a value while the command line is parsed, before any work starts;
   a bad value is one line `PROG: error: argument --x: ...` with exit status 2 (`Parser`);
 * `run` calls a command and turns a user-facing exception into one line
-  `PROG: error: ...` with exit status 1 (130 on Ctrl-C); SOMA_MODELS_DEBUG=1 re-raises;
+  `PROG: error: ...` with exit status 1 (130 on Ctrl-C); `--debug` or SOMA_MODELS_DEBUG=1
+  prints the full traceback after that line;
 * `one_line_warnings` prints every warning as `PROG: warning: ...`, one line, without the
   Python source line that the default format adds.
 """
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,10 +186,21 @@ def one_line_warnings(prog: str) -> Iterator[None]:
 USER_ERRORS = (UserError, WeightsError, ValueError, TypeError, OSError, ImportError)
 
 
+def debug_requested(flag: bool = False) -> bool:
+    """Whether errors should come with their traceback: `--debug`, or SOMA_MODELS_DEBUG set
+    to anything but empty, 0, false or no."""
+    value = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return flag or value not in ("", "0", "false", "no")
+
+
+DEBUG_HELP = (f"after an error's one line, print its full traceback (or set {DEBUG_ENV}=1)")
+
+
 def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
-        prog: str, *, interrupted: str = "interrupted") -> int:
+        prog: str, *, interrupted: str = "interrupted", debug: bool = False) -> int:
     """Run `command(args)` with one-line warnings; a user error is one line on stderr
-    (exit 1), Ctrl-C exit 130. SOMA_MODELS_DEBUG=1 lets the traceback through."""
+    (exit 1), Ctrl-C exit 130. With `debug` (or SOMA_MODELS_DEBUG=1) the one line is
+    followed by the full traceback, exit status unchanged."""
     with one_line_warnings(prog):
         try:
             return int(command(args) or 0)
@@ -195,7 +208,7 @@ def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Name
             print(f"{prog}: {interrupted}", file=sys.stderr)
             return 130
         except USER_ERRORS as exc:
-            if os.environ.get(DEBUG_ENV):
-                raise
             print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            if debug_requested(debug):
+                traceback.print_exception(exc, file=sys.stderr)
             return 1

@@ -8,7 +8,7 @@ Options and paths are checked while the command line is parsed, before any work 
 a bad one is one line `soma-models: error: argument ...` with exit status 2. Problems met
 while working (damaged weights, wrong key, empty data) print one line
 `soma-models: error: ...` and exit with status 1; warnings are one line each. Set
-SOMA_MODELS_DEBUG=1 to get the traceback instead. Argument types, the error handler and
+`--debug` (or SOMA_MODELS_DEBUG=1) to get the full traceback after that line. Argument types, the error handler and
 the warning format are shared with `soma-models train` (`soma_models.cli_common`).
 
 The commands come in families, one module each, every handler beside its own options:
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from soma_models import __version__
 from soma_models.cli import files, publishing, scoring, training
 from soma_models.cli.shared import PROG
-from soma_models.cli_common import Parser, run
+from soma_models.cli_common import DEBUG_HELP, Parser, run
 
 #: The command families, in the order `--help` lists their commands (`train` comes last).
 FAMILIES = (scoring, files, publishing)
@@ -38,6 +38,7 @@ def build_parser(command: str | None = None) -> Parser:
         prog=PROG, description="Score, check and prepare Soma V1 model weights exactly as the "
                                "chain does.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for family in FAMILIES:
         family.register(sub)
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    return run(args.func, args, PROG)
+    return run(args.func, args, PROG, debug=args.debug)
 
 
 __all__ = ["FAMILIES", "PROG", "build_parser", "main"]
