@@ -7,9 +7,10 @@ product page); without it `SOMA_MODELS_PROTOCOL`, else "0.1.7". Every output nam
 Options and paths are checked while the command line is parsed, before any work starts:
 a bad one is one line `soma-models: error: argument ...` with exit status 2. Problems met
 while working (damaged weights, wrong key, empty data) print one line
-`soma-models: error: ...` and exit with status 1; warnings are one line each. Set
-`--debug` (or SOMA_MODELS_DEBUG=1) to get the full traceback after that line. Argument types, the error handler and
-the warning format are shared with `soma-models train` (`soma_models.cli_common`).
+`soma-models: error: ...` and exit with status 1; warnings are one line each. Pass
+`--debug` (or set SOMA_MODELS_DEBUG=1) to get the full traceback after that line.
+Argument types, the error handler and the warning format are shared with `soma-models
+train` (`soma_models.cli_common`).
 
 The commands come in families, one module each, every handler beside its own options:
 `scoring` (score, screen, validate), `files` (inspect, init, encrypt, decrypt),

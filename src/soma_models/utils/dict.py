@@ -38,7 +38,7 @@ def unflatten_dict(flat_dict: Mapping[str, Any], sep: str = ".") -> dict[str, An
             child = node.setdefault(part, {})
             if not isinstance(child, dict):  # ValueError, as the published package raises
                 prefix = sep.join(parents[: depth + 1])
-                raise ValueError(f"Unflattening conflict: key {prefix!r} holds a value, so "  # noqa: TRY004
+                raise ValueError(f"Unflattening conflict: key {prefix!r} holds a value, so "
                                  f"{key!r} cannot nest under it")
             node = child
         if isinstance(node.get(leaf), dict) and node[leaf]:
