@@ -16,6 +16,7 @@ from soma_models.cli_common import (
     one_line_warnings,
     output_file,
     positive_int,
+    protocol,
     run,
     seed,
 )
@@ -42,6 +43,15 @@ def test_positive_int_and_micro_batch():
     assert micro_batch("auto") == "auto" and micro_batch("4") == 4
     with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
         micro_batch("0")
+
+
+def test_protocol_names_the_revision_or_is_one_usage_line():
+    """The one --protocol type of `soma-models` and `soma-models train`."""
+    assert protocol("latest") == protocol(" 0.1.7 ") == "0.1.7"
+    assert protocol("0.1.1") == "0.1.1"
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match=r"^unknown protocol revision '0.2'; known: 0.1.1, 0.1.7, latest$"):
+        protocol("0.2")
 
 
 def test_device():
