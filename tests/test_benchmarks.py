@@ -30,3 +30,17 @@ def test_quick_benchmark_prints_every_section() -> None:
     # The scaling table has one row per quick sequence length.
     rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert {"256", "512"} <= set(rows), out
+
+
+def test_profile_step_counts_kernels_per_block() -> None:
+    script = BENCH.parent / "profile_step.py"
+    done = subprocess.run([sys.executable, str(script), "--dim", "32", "--seq", "16"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for heading in ("== ours, float32", "== nanoGPT, float32", "== ours, bf16 autocast",
+                    "== nanoGPT, bf16 autocast"):
+        assert heading in out, out
+    blocks = [int(line.rsplit(":", 1)[1]) for line in out.splitlines()
+              if line.startswith("leaf operators")]
+    assert len(blocks) == 4 and all(n > 0 for n in blocks), out

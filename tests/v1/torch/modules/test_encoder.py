@@ -1,6 +1,7 @@
-"""The encoder computes RoPE's sin/cos once per forward and hands them to every layer;
+"""The encoder computes RoPE's tables once per forward and hands them to every layer;
 that must be bit-for-bit what each layer computing its own from the positions gives
-(outputs and gradients, with and without activation checkpointing)."""
+(outputs and gradients, with and without activation checkpointing: checkpointing
+changes no gradient bit). The rotation is the half-split formula, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from soma_models.v1.configs import ModelConfig
+from soma_models.v1.rope import rope_timescales
 from soma_models.v1.torch.modules.attention import apply_rope, rope_tables, rotate
 from soma_models.v1.torch.modules.model import Model
 
@@ -33,6 +35,32 @@ def test_tables_match_apply_rope() -> None:
     heads = x.view(2, 40, CONFIG.num_heads, CONFIG.head_dim)
     tables = rope_tables(pos, CONFIG.head_dim, CONFIG.max_wavelength)
     assert torch.equal(rotate(heads, tables), apply_rope(heads, pos, CONFIG.max_wavelength))
+
+
+def test_rotate_is_the_half_split_formula_bit_for_bit() -> None:
+    # rotate computes x cos + swap(x) signed_sin; the formula is written with the halves:
+    # concat(a cos - b sin, b cos + a sin), angles from the float32 timescales.
+    x, pos = _inputs(3)
+    heads = x.view(2, 40, CONFIG.num_heads, CONFIG.head_dim)
+    timescale = torch.from_numpy(rope_timescales(CONFIG.head_dim, CONFIG.max_wavelength).copy())
+    angle = (pos.to(torch.float32)[:, :, None] / timescale)[:, :, None, :]
+    sin, cos = torch.sin(angle), torch.cos(angle)
+    a, b = heads[..., : CONFIG.head_dim // 2], heads[..., CONFIG.head_dim // 2 :]
+    expected = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    tables = rope_tables(pos, CONFIG.head_dim, CONFIG.max_wavelength)
+    assert torch.equal(rotate(heads, tables), expected)
+
+
+def test_tables_in_the_compute_dtype() -> None:
+    # Built once in bf16 (what the encoder does under autocast), the tables are the
+    # float32 ones rounded once, and rotating with them needs no cast.
+    _, pos = _inputs(4)
+    full = rope_tables(pos, CONFIG.head_dim, CONFIG.max_wavelength)
+    low = rope_tables(pos, CONFIG.head_dim, CONFIG.max_wavelength, dtype=torch.bfloat16)
+    for f, b in zip(full, low, strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(b, f.to(torch.bfloat16))
+    heads = torch.randn(2, 40, CONFIG.num_heads, CONFIG.head_dim).to(torch.bfloat16)
+    assert torch.equal(rotate(heads, low), rotate(heads, full))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

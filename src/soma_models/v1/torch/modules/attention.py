@@ -11,7 +11,8 @@ path taken when `MultiHeadAttention.fused` is False. By default the module runs
 on PyTorch's fused kernels.
 
 RoPE's sin/cos depend only on the positions, which every layer shares: `rope_tables`
-builds them once (the encoder does, per forward) and `rotate` applies them to q and k.
+builds them once (the encoder does, per forward, in the compute dtype) and `rotate`
+applies them to q and k.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from soma_models.v1.configs import (
 from soma_models.v1.rope import rope_arguments, rope_timescales
 from soma_models.v1.torch.modules.attention_kernels import causal_attention
 
-#: RoPE's sin and cos, each float32 `[B, S, 1, hd/2]` (broadcast over heads).
+#: RoPE's tables: cos and signed sin, each `[B, S, 1, hd]` (broadcast over heads).
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -48,9 +49,16 @@ def _timescale_tensor(head_dim: int, max_wavelength: float, device: torch.device
 
 
 def rope_tables(pos_ids: torch.Tensor, head_dim: int, max_wavelength: float,
-                scale_factor: float = 1.0, device: torch.device | None = None) -> RopeTables:
-    """sin, cos `[B, S, 1, hd/2]` of angle[b, s, i] = (float32(pos) / timescale_i) /
-    scale_factor, timescale_i = max_wavelength ** (2i / hd) (`rope.rope_timescales`)."""
+                scale_factor: float = 1.0, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> RopeTables:
+    """cos, signed sin `[B, S, 1, hd]` for `rotate`, in `dtype` (the rotation's dtype).
+
+    With angle[b, s, i] = (float32(pos) / timescale_i) / scale_factor, timescale_i =
+    max_wavelength ** (2i / hd) (`rope.rope_timescales`), i < hd/2:
+    cos = [cos(angle), cos(angle)] and signed sin = [-sin(angle), sin(angle)] along the
+    last axis. Angles and sin/cos are computed in float32 and rounded to `dtype` once, so
+    a bf16 forward casts them once per forward, not per layer and per q and k.
+    """
     if scale_factor < 1.0:
         raise ValueError(f"scale_factor must be >= 1.0, got {scale_factor}")
     device = pos_ids.device if device is None else device
@@ -58,16 +66,36 @@ def rope_tables(pos_ids: torch.Tensor, head_dim: int, max_wavelength: float,
     # A division by the timescale, not a product with an inverse frequency: they round
     # differently, and at large positions sin/cos amplify the difference.
     angle = (pos_ids.to(torch.float32)[:, :, None] / timescale) / scale_factor  # [B, S, hd/2]
-    return torch.sin(angle)[:, :, None, :], torch.cos(angle)[:, :, None, :]
+    sin, cos = torch.sin(angle), torch.cos(angle)
+    cos = torch.cat((cos, cos), dim=-1)[:, :, None, :].to(dtype)
+    signed_sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype)
+    return cos, signed_sin
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of `x` come out in: autocast's where it is on for x's
+    device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def rotate(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """Half-split rotation of `x` `[B, S, H, hd]`: concat(a cos - b sin, b cos + a sin),
-    a and b the two halves of the last axis."""
-    sin, cos = (t.to(x.dtype) for t in rope)
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    a and b the two halves of the last axis.
+
+    Written as x * cos + swap(x) * signed_sin with swap(x) = concat(b, a) (`torch.roll`
+    by half): the same products and sums, so bit for bit the formula above
+    (a cos + b (-sin) rounds exactly as a cos - b sin), in four kernels forward and four
+    backward, with no slices (whose backward fills zeros) and no concat of the halves.
+    Tables in another dtype than `x` are cast here (a caller that shares them across
+    layers builds them in the compute dtype instead).
+    """
+    cos, signed_sin = rope
+    if cos.dtype != x.dtype:
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return x * cos + swapped * signed_sin
 
 
 def apply_rope(inputs: torch.Tensor, positions: torch.Tensor | None = None,
@@ -132,10 +160,12 @@ class MultiHeadAttention(nn.Module):
         #: False forces the materialised O(S^2) path (tests, benchmarks).
         self.fused = True
 
-    def rope_tables(self, pos_ids: torch.Tensor) -> RopeTables:
-        """This module's RoPE sin/cos for positions `[B, S]` (shareable across layers
-        built from the same config)."""
-        return rope_tables(pos_ids, self.head_dim, self.max_wavelength, self.scale_factor)
+    def rope_tables(self, pos_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+                    ) -> RopeTables:
+        """This module's RoPE tables for positions `[B, S]`, in `dtype` (shareable across
+        layers built from the same config)."""
+        return rope_tables(pos_ids, self.head_dim, self.max_wavelength, self.scale_factor,
+                           dtype=dtype)
 
     def forward(self, inputs: torch.Tensor, pos_ids: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None,
@@ -144,13 +174,16 @@ class MultiHeadAttention(nn.Module):
 
         `rope`: precomputed `rope_tables(pos_ids)`; when given, the positions are not read.
         """
-        x = inputs
         pos_ids = pick("MultiHeadAttention", "pos_ids", pos_ids, "positions", positions)
-        batch, seq, dim = x.shape
+        batch, seq, dim = inputs.shape
+        dtype = compute_dtype(inputs)
+        # Under autocast, one cast of the input instead of one in each of the three
+        # projections (and one cast of its gradient back); a no-op otherwise.
+        x = inputs.to(dtype)
         if rope is None:
             if pos_ids is None:
                 pos_ids = torch.arange(seq, device=x.device).expand(batch, seq)
-            rope = self.rope_tables(pos_ids)
+            rope = self.rope_tables(pos_ids, dtype)
         split = (batch, seq, self.num_heads, self.head_dim)
         q = rotate(self.query(x).view(split), rope)
         k = rotate(self.key(x).view(split), rope)

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from soma_models.v1.aliases import pick
 from soma_models.v1.configs import EncoderConfig, LayerConfig, ModelConfig
+from soma_models.v1.torch.modules.attention import compute_dtype
 from soma_models.v1.torch.modules.layer import Layer
 
 __all__ = ["Encoder", "EncoderConfig", "Layer", "LayerConfig"]
@@ -34,8 +35,9 @@ class Encoder(nn.Module):
             pos_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
         if len(self.layers) == 0:
             return x
-        # Every layer rotates by the same positions: RoPE's sin/cos once per forward.
-        rope = self.layers[0].attention.rope_tables(pos_ids)
+        # Every layer rotates by the same positions: RoPE's tables once per forward, in
+        # the dtype q and k come out in (bf16 under autocast), so no layer casts them.
+        rope = self.layers[0].attention.rope_tables(pos_ids, compute_dtype(x))
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, pos_ids, rope=rope, use_reentrant=False)
