@@ -7,6 +7,7 @@ from soma_models.train.data import (
     DataError,
     Document,
     find_files,
+    join_documents,
     read_documents,
     split_documents,
 )
@@ -84,3 +85,84 @@ def test_chunk_stream_resumes_exactly_and_covers_each_epoch():
     resumed = ChunkStream(10, seed=5)
     resumed.position = 9
     np.testing.assert_array_equal(resumed.take(12), first[9:21])
+
+
+# ------------------------------------------------- memory-mapped documents and the stream
+
+def _reference_rows(documents, split, seq):
+    """Independent: every chunk's row, by `iter_batches` over each document's training
+    bytes (split_documents' in-memory rule), in document order."""
+    train, _ = split_documents(documents, 0.25, split)
+    rows = []
+    for doc in train:
+        for batch in iter_batches(doc.data, seq, batch_size=1):
+            rows.append((batch.token_ids[0], batch.targets[0], batch.pos_ids[0]))
+    return rows
+
+
+@pytest.mark.parametrize("split", ["bytes", "file"])
+def test_corpus_and_raw_files_give_the_contract_rows_of_the_split(corpus, tmp_path, split):
+    from soma_models.corpus import prepare
+    from soma_models.train.data import open_training_data
+
+    prepare([corpus], tmp_path / "c", shard_bytes=500, workers=1)
+    expected = _reference_rows(read_documents([corpus]), split, 48)
+    for paths in ([corpus], [tmp_path / "c"]):
+        data = open_training_data(paths, 0.25, split)
+        table = data.table(48)
+        assert len(table) == len(expected)
+        order = np.random.default_rng(1).permutation(len(table))
+        batch = table.rows(order)
+        for row, index in enumerate(order):
+            for got, want in zip((batch.token_ids, batch.targets, batch.pos_ids),
+                                 expected[index], strict=True):
+                np.testing.assert_array_equal(got[row], want)
+        train, val = split_documents(read_documents([corpus]), 0.25, split)
+        assert data.split.heldout() == join_documents(val)
+        assert data.split.heldout(max_bytes=50) == join_documents(val)[:50]
+        assert data.split.train_bytes == sum(len(d.data) for d in train)
+
+
+def test_permutation_is_a_bijection_for_every_size():
+    from soma_models.train.data import permutation
+
+    for size in (1, 2, 3, 7, 64, 65, 1000, 4097):
+        order = permutation(np.arange(size), size, seed=3, epoch=1)
+        assert sorted(order.tolist()) == list(range(size))
+    first = permutation(np.arange(1000), 1000, seed=3, epoch=0)
+    assert not np.array_equal(first, permutation(np.arange(1000), 1000, seed=3, epoch=1))
+    assert not np.array_equal(first, permutation(np.arange(1000), 1000, seed=4, epoch=0))
+    # Shuffled: hardly any position keeps its neighbour.
+    assert np.mean(np.abs(np.diff(first)) == 1) < 0.05
+    # A slice of a huge domain costs only what is asked for.
+    big = permutation(np.arange(10**6, 10**6 + 5), 10**11, seed=0, epoch=0)
+    assert big.min() >= 0 and big.max() < 10**11 and len(set(big.tolist())) == 5
+
+
+def test_stream_state_dict_resumes_and_refuses_another_stream():
+    stream = ChunkStream(37, seed=2)
+    stream.take(50)
+    state = stream.state_dict()
+    expected = stream.take(40)
+    again = ChunkStream(37, seed=2)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.take(40), expected)
+    with pytest.raises(DataError, match="data position of another stream"):
+        ChunkStream(38, seed=2).load_state_dict(state)
+    np.testing.assert_array_equal(ChunkStream(5, 0, shuffle=False).take(7), [0, 1, 2, 3, 4, 0, 1])
+
+
+def test_step_shares_are_disjoint_and_cover_the_step():
+    from soma_models.train.data import process_rows, step_share
+
+    step = np.arange(100, 124)
+    shares = [step_share(step, rank, 3, 2) for rank in range(3)]
+    assert all(len(s) == 4 for s in shares)  # accumulation 4 = 24 / (2 x 3)
+    flat = np.concatenate([m for s in shares for m in s])
+    assert sorted(flat.tolist()) == step.tolist()
+    np.testing.assert_array_equal(shares[1][0], [102, 103])  # micro-batch 1 -> rank 1
+    np.testing.assert_array_equal(shares[0][1], [106, 107])  # micro-batch 3 -> rank 0
+    blocks = [process_rows(step, p, 4) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(blocks), step)
+    with pytest.raises(ValueError, match="do not split"):
+        step_share(step, 0, 5, 2)

@@ -1,5 +1,5 @@
 """The `soma-models` command: score, screen, validate, inspect, init, encrypt, decrypt,
-publish (and train).
+publish, prepare (and train).
 
 `--protocol` picks the revision of V1 ("0.1.7", alias "latest": the network; "0.1.1": the
 product page); without it `SOMA_MODELS_PROTOCOL`, else "0.1.7". Every output names it.
@@ -14,8 +14,8 @@ train` (`soma_models.cli_common`).
 
 The commands come in families, one module each, every handler beside its own options:
 `scoring` (score, screen, validate), `files` (inspect, init, encrypt, decrypt),
-`publishing` (publish) and `training` (train). A family is a module with a
-`register(subparsers)` function; adding one is adding it to `FAMILIES`.
+`publishing` (publish), `corpus` (prepare) and `training` (train). A family is a module
+with a `register(subparsers)` function; adding one is adding it to `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import sys
 from collections.abc import Sequence
 
 from soma_models import __version__
-from soma_models.cli import files, publishing, scoring, training
+from soma_models.cli import corpus, files, publishing, scoring, training
 from soma_models.cli.shared import PROG
 from soma_models.cli_common import DEBUG_HELP, Parser, run
 
 #: The command families, in the order `--help` lists their commands (`train` comes last).
-FAMILIES = (scoring, files, publishing)
+FAMILIES = (scoring, files, publishing, corpus)
 
 
 def build_parser(command: str | None = None) -> Parser:
