@@ -154,3 +154,50 @@ def test_bf16_training_loss_and_gradients_match_float32() -> None:
     assert low["loss"] != full["loss"]                        # bf16 did run
     cosine = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
     assert float(cosine) > 0.99
+
+
+def _compiled_against_eager(backend: str, checkpointing: bool) -> None:
+    """A model with compiled blocks computes the eager loss and gradients (float32)."""
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import backward, prepare_model
+
+    torch.manual_seed(5)
+    config = ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=2, num_heads=2)
+    eager = Model(config).train()
+    compiled = Model(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    prepare_model(compiled, compile=True, compile_backend=backend,
+                  activation_checkpointing=checkpointing)
+    tokens = torch.randint(0, 256, (2, 32))
+    batch = (tokens, torch.roll(tokens, -1, 1), torch.randint(0, 1000, (2, 32)))
+    noise = torch.randn(config.embedding_dim, 8)
+    sig_reg = SIGReg(SIGRegConfig(slices=8))
+    want = backward(eager, sig_reg, *batch, noise=noise)
+    got = backward(compiled, sig_reg, *batch, noise=noise)
+    assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_trace_to_the_eager_step(checkpointing: bool) -> None:
+    # aot_eager runs torch.compile's graph capture and autograd tracing (the graph breaks
+    # around the exact attention's data-dependent check included) in seconds.
+    _compiled_against_eager("aot_eager", checkpointing)
+
+
+@pytest.mark.slow  # inductor generates and builds C++ kernels: ~25 s on 2 cores, cold cache
+def test_inductor_compiled_blocks_match_the_eager_step() -> None:
+    _compiled_against_eager("inductor", checkpointing=True)
+
+
+def test_compile_is_refused_where_it_cannot_work(monkeypatch) -> None:
+    from soma_models.v1.torch import train_step
+
+    with pytest.raises(ValueError, match="supported on CUDA and CPU devices, not meta"):
+        train_step.check_compile(torch.device("meta"))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(train_step.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"^torch.compile on the CPU needs a C\+\+ compiler"):
+        train_step.check_compile(torch.device("cpu"))
+    train_step.check_compile(torch.device("cpu"), backend="aot_eager")   # no code generated

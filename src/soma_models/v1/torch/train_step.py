@@ -24,6 +24,8 @@ What makes it fast (measured in benchmarks/bench.py):
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -101,16 +103,47 @@ def check_bf16_autocast(device: torch.device) -> None:
                          f"{device.type}")
 
 
+def check_compile(device: torch.device, backend: str = "inductor") -> None:
+    """Refuse, in one line, a `torch.compile` that cannot work on `device`.
+
+    The default backend (inductor) generates Triton kernels on CUDA and C++ on the CPU,
+    so it needs Triton, or a C++ compiler (`$CXX`, g++ or clang++), respectively.
+    """
+    if backend != "inductor":
+        return
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("torch.compile on CUDA needs Triton (pip install triton), which is "
+                             "not installed")
+    elif device.type == "cpu":
+        compilers = (os.environ.get("CXX"), "g++", "clang++")
+        if not any(name and shutil.which(name) for name in compilers):
+            raise ValueError("torch.compile on the CPU needs a C++ compiler ($CXX, g++ or "
+                             "clang++), and none was found on PATH")
+    else:
+        raise ValueError(f"torch.compile is supported on CUDA and CPU devices, not {device.type}")
+
+
 def prepare_model(model: Model, *, activation_checkpointing: bool = False,
-                  compile: bool = False, fused_attention: bool = True) -> Model:
+                  compile: bool = False, fused_attention: bool = True,
+                  compile_backend: str = "inductor") -> Model:
     """Set the speed/memory options on `model` in place, and return it.
 
     activation_checkpointing: recompute each encoder block in the backward pass
-        (activation memory of one block instead of all; ~1/3 more compute).
+        (activation memory of one block instead of all; ~1/3 more compute). Gradients
+        are bit for bit the same.
     compile: `torch.compile` each encoder block in place (`nn.Module.compile`, so the
-        state dict keeps its canonical keys). The first steps pay the compile time;
-        see benchmarks/README.md for whether it pays off on your machine.
+        state dict keeps its canonical keys, and DDP and FSDP2 wrap the model as usual;
+        `check_compile` refuses devices where it cannot work). Blocks are compiled
+        rather than the whole step because every block is the same graph: it is traced
+        once and reused, and it is the unit FSDP2 shards. The exact attention's fill
+        check is data dependent, so each block is two graphs around it. The first step
+        pays the compile time; see benchmarks/README.md for whether it pays off.
     fused_attention: False forces the materialised O(S^2) attention (comparisons only).
+    compile_backend: `torch.compile`'s backend ("inductor"; "aot_eager" traces the same
+        graphs without generating code: tests).
     """
     _check_model(model)
     model.encoder.activation_checkpointing = activation_checkpointing
@@ -118,8 +151,9 @@ def prepare_model(model: Model, *, activation_checkpointing: bool = False,
         if isinstance(module, MultiHeadAttention):
             module.fused = fused_attention
     if compile:
+        check_compile(model.embedding.weight.device, compile_backend)
         for layer in model.encoder.layers:
-            layer.compile()
+            layer.compile(backend=compile_backend)
     return model
 
 
