@@ -10,15 +10,21 @@
     and the largest embedding difference, against SPEC §9's rtol/atol 1e-5.
 (b) Screening throughput of the 24-layer V1: 3 random models, 2 KB samples, samples/s of
     `Screener.screen` (models already on the device; float32, TF32 off).
-(c) One bf16-autocast training step of the 24-layer V1 (forward, on-chain loss with
-    SIGReg, backward, fused AdamW) against a nanoGPT-style step of the same dimensions
-    written here (learned positions, SDPA causal attention, plain cross-entropy, no
-    SIGReg), in tokens/s and MFU (model FLOPs 6N + 12 L D S per token, over the device's
-    dense bf16 peak; `--peak-tflops` to set it).
+(c) One bf16-autocast training step of the 24-layer V1 (`train_step.backward`, what
+    `soma-models train` runs: forward, on-chain loss with SIGReg, backward; fused AdamW)
+    against a nanoGPT-style step of the same dimensions written here (learned positions,
+    SDPA causal attention, plain cross-entropy, no SIGReg), in tokens/s and MFU (model
+    FLOPs 6N + 12 L D S per token, over the device's dense bf16 peak; `--peak-tflops` to
+    set it). Rows: ours eager and with `--compile` (each block torch.compile'd), the
+    nanoGPT-style anchor (eager), all at 8 rows of 1024; then the network's batch of
+    16 x 1024 eager, with activation checkpointing (peak memory with and without: does
+    it fit an 80 GB GPU?) and with `--compile`. The first step's time is shown apart:
+    for compiled rows it includes the compile time.
 
 Without CUDA the script still runs every section, on the CPU against the CPU (the
 deviation is then 0 by construction and says nothing about GPUs); `--quick` shrinks all
-sizes so that this takes well under a minute. Random weights are spread (not the small
+sizes so that this takes well under a minute (and compiles with the aot_eager backend,
+which captures the same graphs without generating code). Random weights are spread (not the small
 init), so every term of the loss matters in (a).
 """
 
@@ -41,9 +47,9 @@ from soma_models.v1.revisions import resolve
 from soma_models.v1.scoring import score
 from soma_models.v1.screening import Screener
 from soma_models.v1.torch import serde
-from soma_models.v1.torch.loss import compute_loss
 from soma_models.v1.torch.modules.model import Model
 from soma_models.v1.torch.modules.sig_reg import SIGReg
+from soma_models.v1.torch.train_step import backward, prepare_model
 
 # Dense bf16 peak (no sparsity), TFLOP/s, by device-name fragment; first match wins.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
@@ -215,72 +221,151 @@ def model_flops_per_token(model: nn.Module, config: ModelConfig, seq_len: int) -
     return 6 * n + 12 * config.num_layers * config.embedding_dim * seq_len
 
 
-def time_steps(step, steps: int, device: torch.device) -> float:
-    step()                                                     # warm-up
+@dataclass(frozen=True)
+class TrainRow:
+    """One row of (c): which step, at how many rows per batch, with which options."""
+
+    name: str
+    nano: bool = False
+    network_batch: bool = False      # the network's batch (16 rows) instead of train_batch
+    compile: bool = False            # prepare_model(compile=True): each block compiled
+    checkpointing: bool = False      # prepare_model(activation_checkpointing=True)
+
+
+TRAIN_ROWS = (
+    TrainRow("V1 (ours)"),
+    TrainRow("V1 --compile", compile=True),
+    TrainRow("nanoGPT-style", nano=True),
+    TrainRow("V1 net batch", network_batch=True),
+    TrainRow("V1 net ckpt", network_batch=True, checkpointing=True),
+    TrainRow("V1 net --compile", network_batch=True, compile=True),
+)
+
+
+def time_steps(step, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the first step, which includes any compilation; mean s/step after)."""
     sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return first, (time.perf_counter() - start) / steps
 
 
 def training_step(model: nn.Module, sig_reg: SIGReg, batch: tuple[torch.Tensor, ...],
                   fused: bool):
-    """One bf16-autocast step (forward, loss, backward, AdamW) of `model`, as a closure."""
+    """One bf16-autocast step of `model`, as a closure. Ours is what `soma-models train`
+    runs (`train_step.backward`: forward, on-chain loss, backward; then fused AdamW);
+    the nanoGPT-style model returns its own plain cross-entropy."""
     inputs, targets, pos_ids, noise = batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     device_type = inputs.device.type
 
     def step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            if isinstance(model, Model):
-                loss, _ = compute_loss(model, sig_reg, inputs, targets, pos_ids, noise)
-            else:
+        if isinstance(model, Model):
+            backward(model, sig_reg, inputs, targets, pos_ids, noise=noise, autocast_bf16=True)
+        else:
+            with torch.autocast(device_type, dtype=torch.bfloat16):
                 loss = model(inputs, targets)
-        loss.backward()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | None) -> None:
-    config, seq, batch = sizes.v1, sizes.seq_len, sizes.train_batch
-    print(f"\n== (c) bf16 autocast training step on {device.type}: {config.num_layers} layers, "
-          f"D {config.embedding_dim}, hidden {config.pwff_hidden_dim}, batch {batch} x {seq} ==")
+def train_batch(sizes: Sizes, rows: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    seq = sizes.seq_len
     rng = np.random.default_rng(3)
-    tokens = torch.from_numpy(rng.integers(0, 256, (batch, seq + 1))).to(device)
+    tokens = torch.from_numpy(rng.integers(0, 256, (rows, seq + 1))).to(device)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    pos_ids = torch.arange(seq, device=device).expand(batch, seq)
-    noise = torch.randn(config.embedding_dim, sizes.slices, device=device)
-    fused = device.type == "cuda"
-    rows = []
-    for name in ("V1 (ours)", "nanoGPT-style"):
+    pos_ids = torch.arange(seq, device=device).expand(rows, seq)
+    noise = torch.randn(sizes.v1.embedding_dim, sizes.slices, device=device)
+    return inputs, targets, pos_ids, noise
+
+
+def run_row(row: TrainRow, sizes: Sizes, device: torch.device, compile_backend: str
+            ) -> tuple[int, float, float, float, float | None] | str:
+    """(rows, first-step s, s/step, model FLOPs per token, peak GiB), or why it failed."""
+    config, seq = sizes.v1, sizes.seq_len
+    rows = sizes.batch_size if row.network_batch else sizes.train_batch
+    torch._dynamo.reset()                       # each compiled row compiles for its shapes
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = step = None
+    try:
         with torch.device(device):
-            model = Model(config) if name.startswith("V1") else NanoGPT(config, seq)
+            model = NanoGPT(config, seq) if row.nano else Model(config)
         model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if not row.nano:
+            prepare_model(model, compile=row.compile, compile_backend=compile_backend,
+                          activation_checkpointing=row.checkpointing)
         step = training_step(model, SIGReg(SIGRegConfig(slices=sizes.slices)),
-                             (inputs, targets, pos_ids, noise), fused)
-        seconds = time_steps(step, sizes.train_steps, device)
-        tokens_per_s = batch * seq / seconds
-        flops = model_flops_per_token(model, config, seq) * tokens_per_s
-        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        rows.append((name, seconds, tokens_per_s, flops, memory))
+                             train_batch(sizes, rows, device), device.type == "cuda")
+        first, seconds = time_steps(step, sizes.train_steps, device)
+        flops = model_flops_per_token(model, config, seq)
+    except torch.OutOfMemoryError:
+        return f"{rows} rows: out of memory"
+    finally:
         del model, step
         gc.collect()
         if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.empty_cache()
-    print(f"{'step':<16}{'s/step':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}")
-    for name, seconds, tokens_per_s, flops, memory in rows:
+    return rows, first, seconds, flops, peak if device.type == "cuda" else None
+
+
+def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | None,
+                     compile_backend: str) -> None:
+    config, seq = sizes.v1, sizes.seq_len
+    print(f"\n== (c) bf16 autocast training step on {device.type}: {config.num_layers} layers, "
+          f"D {config.embedding_dim}, hidden {config.pwff_hidden_dim}, seq {seq}, batch "
+          f"{sizes.train_batch} and the network's {sizes.batch_size} rows ==")
+    print(f"'net' = the network's batch; ckpt = activation checkpointing; --compile = each "
+          f"block torch.compile'd ({compile_backend}); '1st s' = the first step (includes "
+          f"compiling)")
+    print(f"{'step':<18}{'rows':>5}{'1st s':>8}{'s/step':>8}{'tokens/s':>10}{'TFLOP/s':>9}"
+          f"{'MFU':>7}{'peak GiB':>10}")
+    results: dict[str, tuple] = {}
+    for row in TRAIN_ROWS:
+        result = run_row(row, sizes, device, compile_backend)
+        if isinstance(result, str):
+            print(f"{row.name:<18}{result}")
+            continue
+        rows, first, seconds, flops_per_token, memory = result
+        tokens_per_s = rows * seq / seconds
+        flops = flops_per_token * tokens_per_s
         mfu = f"{flops / (peak_tflops * 1e12):.1%}" if peak_tflops else "n/a"
         mem = f"{memory:.1f}" if memory is not None else "-"
-        print(f"{name:<16}{seconds:>9.3f}{tokens_per_s:>11.0f}{flops / 1e12:>9.1f}{mfu:>7}"
-              f"{mem:>10}")
-    print(f"ours / nanoGPT-style tokens/s: {rows[0][2] / rows[1][2]:.2f}x"
-          + ("" if peak_tflops else "  (MFU: unknown device peak; pass --peak-tflops)"))
+        print(f"{row.name:<18}{rows:>5}{first:>8.1f}{seconds:>8.3f}{tokens_per_s:>10.0f}"
+              f"{flops / 1e12:>9.1f}{mfu:>7}{mem:>10}")
+        results[row.name] = (tokens_per_s, first, seconds, memory)
+
+    def ratio(a: str, b: str, label: str) -> None:
+        if a in results and b in results:
+            print(f"{label}: {results[a][0] / results[b][0]:.2f}x")
+
+    ratio("V1 (ours)", "nanoGPT-style", "ours / nanoGPT-style tokens/s (eager)")
+    ratio("V1 --compile", "nanoGPT-style", "ours --compile / nanoGPT-style tokens/s")
+    ratio("V1 --compile", "V1 (ours)", "--compile / eager tokens/s")
+    ratio("V1 net --compile", "V1 net batch", "--compile / eager tokens/s, network batch")
+    for name in ("V1 --compile", "V1 net --compile"):
+        eager = "V1 (ours)" if name == "V1 --compile" else "V1 net batch"
+        if name in results and eager in results:
+            print(f"compile time, {name}: ~{results[name][1] - results[eager][1]:.0f} s "
+                  f"(first step minus the eager row's first step)")
+    if "V1 net batch" in results and "V1 net ckpt" in results:
+        no, yes = results["V1 net batch"][3], results["V1 net ckpt"][3]
+        if no is not None and yes is not None:
+            print(f"network batch peak memory: {no:.1f} GiB without activation checkpointing, "
+                  f"{yes:.1f} GiB with (fits 80 GB: {'yes' if no < 80 else 'no'} without, "
+                  f"{'yes' if yes < 80 else 'no'} with)")
+    if not peak_tflops:
+        print("(MFU: unknown device peak; pass --peak-tflops)")
 
 
 def main() -> None:
@@ -291,6 +376,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for MFU (default: by device name)")
     parser.add_argument("--sections", default="a,b,c")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the --compile rows (default inductor; "
+                             "aot_eager with --quick: graph capture without code generation)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = sizes_for(args.quick)
@@ -310,7 +398,8 @@ def main() -> None:
     if "b" in sections:
         section_screening(sizes, device)
     if "c" in sections:
-        section_training(sizes, device, peak)
+        backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
+        section_training(sizes, device, peak, backend)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

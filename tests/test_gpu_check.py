@@ -22,4 +22,13 @@ def test_gpu_check_quick_runs_every_section():
     assert len(deviation_rows) == 2 and all(line.endswith("yes") for line in deviation_rows), out
     assert "== (b) screening throughput" in out and "samples/s" in out
     assert "== (c) bf16 autocast training step" in out
-    assert "V1 (ours)" in out and "nanoGPT-style" in out and "tokens/s:" in out
+    assert "V1 (ours)" in out and "nanoGPT-style" in out and "tokens/s" in out
+    # Every row of (c) ran: ours eager and compiled, the anchor, the network's batch
+    # eager, checkpointed and compiled (rows that fail print why instead of numbers).
+    rows = [line.split() for line in out.split("== (c)")[1].splitlines()]
+    names = {" ".join(r[:-7]) for r in rows if len(r) >= 8 and r[-7].isdigit()
+             and (r[-2] == "n/a" or r[-2].endswith("%"))}          # the MFU column
+    assert names == {"V1 (ours)", "V1 --compile", "nanoGPT-style", "V1 net batch",
+                     "V1 net ckpt", "V1 net --compile"}, out
+    assert "ours / nanoGPT-style tokens/s (eager):" in out
+    assert "--compile / eager tokens/s:" in out and "compile time, V1 --compile" in out

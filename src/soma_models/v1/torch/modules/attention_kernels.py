@@ -129,6 +129,10 @@ def _exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
     return torch.cat(outputs)
 
 
+# Data dependent (whether any row is selected, and which), so `torch.compile` could not
+# capture it in a graph anyway: it runs eagerly between two compiled graphs, without the
+# tracer's warning about the `bool()` of a tensor.
+@torch.compiler.disable
 def _replace_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   selected: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """`out` with the rows where `selected` `[B, H, S]` is True recomputed exactly."""
