@@ -201,3 +201,30 @@ def test_compile_is_refused_where_it_cannot_work(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"^torch.compile on the CPU needs a C\+\+ compiler"):
         train_step.check_compile(torch.device("cpu"))
     train_step.check_compile(torch.device("cpu"), backend="aot_eager")   # no code generated
+
+
+def test_compiled_blocks_run_eagerly_when_evaluating() -> None:
+    # Scoring and held-out evaluation of a model prepared with compile=True never run
+    # generated code: the compiler is asked for graphs only by the training forward.
+    from soma_models.v1.torch.modules.sig_reg import SIGReg
+    from soma_models.v1.torch.train_step import backward, prepare_model
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(6)
+    config = ModelConfig(embedding_dim=32, pwff_hidden_dim=64, num_layers=2, num_heads=2)
+    model = Model(config)
+    eager = Model(config)
+    eager.load_state_dict(model.state_dict())
+    prepare_model(model, compile=True, compile_backend=counting_backend)
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(tokens), eager.eval()(tokens))
+    assert graphs == []
+    backward(model.train(), SIGReg(SIGRegConfig(slices=8)), tokens, torch.roll(tokens, -1, 1),
+             torch.arange(24).expand(2, 24), noise=torch.randn(32, 8))
+    assert graphs

@@ -103,7 +103,8 @@ def check_bf16_autocast(device: torch.device) -> None:
                          f"{device.type}")
 
 
-def check_compile(device: torch.device, backend: str = "inductor") -> None:
+def check_compile(device: torch.device, backend: str | Callable[..., Any] = "inductor"
+                  ) -> None:
     """Refuse, in one line, a `torch.compile` that cannot work on `device`.
 
     The default backend (inductor) generates Triton kernels on CUDA and C++ on the CPU,
@@ -128,7 +129,7 @@ def check_compile(device: torch.device, backend: str = "inductor") -> None:
 
 def prepare_model(model: Model, *, activation_checkpointing: bool = False,
                   compile: bool = False, fused_attention: bool = True,
-                  compile_backend: str = "inductor") -> Model:
+                  compile_backend: str | Callable[..., Any] = "inductor") -> Model:
     """Set the speed/memory options on `model` in place, and return it.
 
     activation_checkpointing: recompute each encoder block in the backward pass
@@ -142,8 +143,11 @@ def prepare_model(model: Model, *, activation_checkpointing: bool = False,
         check is data dependent, so each block is two graphs around it. The first step
         pays the compile time; see benchmarks/README.md for whether it pays off.
     fused_attention: False forces the materialised O(S^2) attention (comparisons only).
-    compile_backend: `torch.compile`'s backend ("inductor"; "aot_eager" traces the same
-        graphs without generating code: tests).
+    compile_backend: `torch.compile`'s backend, a name or a callable ("inductor";
+        "aot_eager" traces the same graphs without generating code: tests).
+
+    Compiled blocks run only in the training forward; evaluating the model (eval mode
+    or no autograd: held-out loss, the exact score) runs them eagerly (`Encoder`).
     """
     _check_model(model)
     model.encoder.activation_checkpointing = activation_checkpointing

@@ -152,6 +152,7 @@ def fill_affected_rows(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return diagonal < (V1_MASK_FILL_VALUE + FILL_SAFE_MARGIN) * math.sqrt(q.shape[-1])
 
 
+@torch.compiler.disable       # data dependent throughout; evaluation runs it eagerly anyway
 def closed_form_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The runtime's attention for every row from the flash kernel's log-sum-exp.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -38,9 +40,14 @@ class Encoder(nn.Module):
         # Every layer rotates by the same positions: RoPE's tables once per forward, in
         # the dtype q and k come out in (bf16 under autocast), so no layer casts them.
         rope = self.layers[0].attention.rope_tables(pos_ids, compute_dtype(x))
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, pos_ids, rope=rope, use_reentrant=False)
-            else:
-                x = layer(x, pos_ids, rope=rope)
+        training = self.training and torch.is_grad_enabled()
+        # Blocks compiled for training (`train_step.prepare_model(compile=True)`) run
+        # eagerly when evaluating: scores are the eager float32 computation, bit for bit,
+        # whatever code the compiler would have generated.
+        with contextlib.nullcontext() if training else torch.compiler.set_stance("force_eager"):
+            for layer in self.layers:
+                if self.activation_checkpointing and training:
+                    x = checkpoint(layer, x, pos_ids, rope=rope, use_reentrant=False)
+                else:
+                    x = layer(x, pos_ids, rope=rope)
         return x
