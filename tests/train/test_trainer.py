@@ -92,7 +92,7 @@ def test_gradient_accumulation_matches_one_large_batch(corpus, tmp_path):
 def test_the_trainers_step_is_the_librarys(corpus, tmp_path):
     # One micro-batch: the trainer's logged loss is `compute_loss` on the same rows with
     # the same SIGReg noise, and its update is `train_step`'s with the same optimizer.
-    from soma_models.train.trainer import _micro_seed
+    from soma_models.train.schedule import micro_seed as _micro_seed
     from soma_models.v1.configs import SIGRegConfig
     from soma_models.v1.torch.loss import compute_loss
     from soma_models.v1.torch.modules import SIGReg
@@ -131,3 +131,17 @@ def test_speed_options_come_from_prepare_model_and_keep_the_step(corpus, tmp_pat
     a, b = plain.train_step(), checkpointed.train_step()
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_init_from_starts_from_those_weights(corpus, tmp_path):
+    source = Model(small_config(corpus, tmp_path / "x").model_config())
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(0.5).add_(0.25)  # not what a from-scratch init would give
+    source.save(tmp_path / "start.safetensors")
+    trainer = Trainer(small_config(corpus, tmp_path / "run",
+                                   init_from=str(tmp_path / "start.safetensors")))
+    for (name, got), want in zip(trainer.module.model.state_dict().items(),
+                                 source.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    trainer.close()

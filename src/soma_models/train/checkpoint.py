@@ -18,6 +18,9 @@ The temporary folder is `soma_models.atomic`'s (`.step_N.PID-TOKEN.soma-tmp`): r
 any exception, SIGINT or SIGTERM, and, when a killed writer left one, by the next writer
 into `checkpoints/`.
 
+Before anything is written the run checks a checkpoint against itself
+(`check_resumable`, plain dict comparison) and its weights for NaN/Inf (`refuse_non_finite`).
+
 The RNG states a run depends on (torch CPU and CUDA, NumPy's global generator, Python's
 `random`) are captured and restored here too: `capture_rng` / `restore_rng`.
 """
@@ -38,6 +41,8 @@ import numpy as np
 from soma_models.atomic import atomic_write, staging
 from soma_models.errors import WeightsError
 from soma_models.safetensors_io import SafetensorsFile, save_file
+from soma_models.train.config import RESUME_MAY_CHANGE, option_name
+from soma_models.train.errors import NonFiniteError, TrainConfigError, TrainError
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -178,3 +183,59 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
     except (OSError, WeightsError) as exc:
         raise CheckpointError(" ".join(str(exc).split())) from None
     return state, tensors
+
+
+# ------------------------------------------------------------------ the gates
+
+def last_good(root: str | os.PathLike) -> str:
+    """Where a run stands on disk, for an error message: its newest checkpoint, if any."""
+    try:
+        folder = find_checkpoint(root)
+    except CheckpointError:
+        return ("No checkpoint was written before this step; lower --lr (or check the "
+                "data) and start again with --overwrite")
+    return (f"The last good checkpoint, {folder}, is unchanged; lower --lr and start a "
+            f"new run, e.g. with --init-from {folder / MODEL_FILE}")
+
+
+def refuse_non_finite(bad: list[str], step: int, root: str | os.PathLike) -> None:
+    """The finiteness gate before weights are saved: `bad` names the parameters holding
+    NaN or Inf (empty: nothing to refuse); NonFiniteError naming a few of them otherwise."""
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(
+            f"step {step}: the weights hold NaN or Inf ({shown}); training stopped "
+            f"without saving them. {last_good(root)}")
+
+
+def check_resumable(folder: Path, state: Mapping[str, Any], *, model_config: Mapping[str, Any],
+                    train_config: Mapping[str, Any], fingerprint: str, phases: int) -> None:
+    """Refuse (TrainError, one line) to resume from a checkpoint whose `trainer_state.json`
+    (`state`) was written by a run that differs from this one: another model config, any
+    setting `--resume` may not change (`config.RESUME_MAY_CHANGE`), other training data
+    (`fingerprint`) or another number of sequence-length phases. Pure dict comparison."""
+    saved = state.get("model_config", {})
+    if saved != model_config:
+        diff = sorted(k for k in set(saved) | set(model_config)
+                      if saved.get(k) != model_config.get(k))
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested "
+                            f"{model_config.get(k)!r}" for k in diff)
+        raise TrainError(f"{folder}: model config does not match the checkpoint ({details})")
+    saved_cfg = state.get("train_config", {})
+    changed = [f"{option_name(name)} {value!r} (checkpoint: {saved_cfg[name]!r})"
+               for name, value in train_config.items()
+               if name not in RESUME_MAY_CHANGE and name in saved_cfg
+               and saved_cfg[name] != value]
+    if changed:
+        raise TrainError(f"{folder}: --resume with settings that change the run: "
+                         f"{', '.join(changed)}; keep them as the checkpoint has them, or "
+                         f"start a new run (another --out, or --overwrite)")
+    if state.get("corpus", {}).get("fingerprint") != fingerprint:
+        raise TrainError(f"{folder}: the training data differs from the checkpoint's "
+                         f"(files or sizes changed); resume with the same data, or start "
+                         f"a new run (another --out, or --overwrite)")
+    positions = state.get("data_position", [])
+    if len(positions) != phases:
+        raise TrainConfigError(
+            f"{folder}: checkpoint has {len(positions)} sequence-length phase(s), this run "
+            f"{phases}; keep --final-seq-len/--final-steps as they were")

@@ -23,7 +23,7 @@ from pathlib import Path
 from soma_models.cli_common import Parser, device, input_file, positive_int, seed
 from soma_models.cli_common import protocol as _protocol
 from soma_models.cli_common import run as run_command
-from soma_models.train import options
+from soma_models.train import config
 from soma_models.train.errors import TrainConfigError
 from soma_models.v1.configs import PRESETS
 from soma_models.v1.revisions import known_names, resolve
@@ -71,24 +71,14 @@ def demo_corpus() -> list[str]:
 # ------------------------------------------------------------------ argument types
 
 def _setting(name: str) -> Callable[[str], object]:
-    """Argument type for TrainConfig field `name`, checked by `options.RULES`."""
+    """Argument type for TrainConfig field `name`, checked by its rule (`config.setting`)."""
     def parse(text: str) -> object:
         try:
-            return options.parse(name, text)
+            return config.parse(name, text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = name  # argparse names the type in some messages
     return parse
-
-
-def _default(name: str) -> object:
-    """TrainConfig's default for `name` (help texts quote it instead of repeating it)."""
-    from soma_models.train.trainer import TrainConfig
-
-    field = TrainConfig.__dataclass_fields__[name]
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory()  # type: ignore[misc]
 
 
 def _existing_path(text: str) -> str:
@@ -104,112 +94,51 @@ def _out_folder(text: str) -> str:
     return text
 
 
+#: `Setting.parser` names: the types every command shares (`soma_models.cli_common`) and the
+#: trainer's own paths. A setting without one is parsed by its rule.
+PARSERS: dict[str, Callable[[str], object]] = {
+    "positive_int": positive_int, "seed": seed, "device": device, "input_file": input_file,
+    "protocol": _protocol, "existing_path": _existing_path, "out_folder": _out_folder}
+
+
 # ------------------------------------------------------------------ options
 
+def _help_values() -> dict[str, str]:
+    """What help texts name besides their default (`config.Setting.help`)."""
+    return {"presets": ", ".join(PRESETS), "revisions": ", ".join(known_names()),
+            "default_revision": resolve().name, "demo_out": str(DEMO_OUT)}
+
+
+def _add_setting(group, field: dataclasses.Field, values: dict[str, str]) -> None:
+    meta = config.setting_of(field)
+    flag = meta.flag or config.option_name(field.name)
+    kwargs: dict[str, object] = {}
+    if flag != config.option_name(field.name):
+        kwargs["dest"] = field.name
+    if meta.const is not None:
+        kwargs.update(action="store_const", const=meta.const)
+    else:
+        parse = PARSERS[meta.parser] if meta.parser else (
+            _setting(field.name) if meta.rule else None)
+        for key, value in (("nargs", meta.nargs), ("metavar", meta.metavar),
+                           ("type", parse), ("choices", meta.choices)):
+            if value is not None:
+                kwargs[key] = value
+    if meta.help is not None:
+        kwargs["help"] = meta.help.format(default=config.default_of(field), **values)
+    group.add_argument(flag, **kwargs)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option defaults to None so that `--demo` and TrainConfig fill the gaps.
-
-    Shared types (`soma_models.cli_common`) for what every command has (seeds, positive
-    integers, devices, files); `options.RULES` for the trainer's own ranges."""
-    d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", metavar="PATH", type=_existing_path,
-                   help="files or folders of raw bytes (folders are read recursively)")
-    d.add_argument("--seq-len", type=_setting("seq_len"),
-                   help=f"training sequence length (default {_default('seq_len')})")
-    d.add_argument("--final-seq-len", type=_setting("final_seq_len"),
-                   help="curriculum: train the last --final-steps steps on sequences this long "
-                        "(same tokens per step), e.g. the revision's max_seq_len (1024 under "
-                        "0.1.7, 8192 under 0.1.1)")
-    d.add_argument("--final-steps", type=_setting("final_steps"),
-                   help=f"steps at --final-seq-len (default {_default('final_steps')})")
-    d.add_argument("--val-fraction", type=_setting("val_fraction"),
-                   help=f"held-out share (default {_default('val_fraction')})")
-    d.add_argument("--split", choices=("file", "bytes"),
-                   help=f"hold out whole files or each file's tail (default {_default('split')})")
-    d.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False)
-
-    m = p.add_argument_group("model")
-    m.add_argument("--config", help=f"size preset: {', '.join(PRESETS)} (default "
-                                    f"{_default('config')}; v1 has the revision's layers)")
-    for name in ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim"):
-        m.add_argument(options.option_name(name), type=positive_int,
-                       help="override the preset's value")
-    m.add_argument("--dropout", type=_setting("dropout"),
-                   help=f"dropout rate while training (default {_default('dropout')})")
-    m.add_argument("--init-from", metavar="WEIGHTS", type=input_file,
-                   help="start from these canonical weights instead of from scratch")
-
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=positive_int,
-                   help=f"optimizer steps (default {_default('steps')})")
-    o.add_argument("--batch-size", type=positive_int,
-                   help=f"global batch in sequences (default {_default('batch_size')})")
-    o.add_argument("--micro-batch-size", type=positive_int,
-                   help="sequences per forward pass per process (default: batch / processes); "
-                        "gradients accumulate over the rest")
-    o.add_argument("--lr", type=_setting("lr"),
-                   help=f"peak learning rate (default {_default('lr')})")
-    o.add_argument("--min-lr-ratio", type=_setting("min_lr_ratio"),
-                   help=f"final lr / peak (default {_default('min_lr_ratio')})")
-    o.add_argument("--warmup-steps", type=_setting("warmup_steps"),
-                   help=f"linear warmup steps (default {_default('warmup_steps')})")
-    o.add_argument("--weight-decay", type=_setting("weight_decay"),
-                   help=f"AdamW decay on matrices (default {_default('weight_decay')})")
-    o.add_argument("--grad-clip", type=_setting("grad_clip"),
-                   help=f"global grad-norm clip, 0 = off (default {_default('grad_clip')})")
-    o.add_argument("--sig-reg-coefficient", type=_setting("sig_reg_coefficient"),
-                   help="SIGReg weight in the training loss (default: the chain's "
-                        f"{_default('sig_reg_coefficient')})")
-    o.add_argument("--sig-reg-slices", type=positive_int,
-                   help="SIGReg directions per micro-batch (default: the revision's, 256 under "
-                        "0.1.7, 1024 under 0.1.1)")
-    o.add_argument("--sig-reg-positions", type=positive_int,
-                   help="compute SIGReg on this many random positions per micro-batch "
-                        "(an unbiased estimate; default: all)")
-    o.add_argument("--bf16", action="store_const", const=True,
-                   help="bfloat16 autocast (CUDA; on CPU it runs but is usually slower)")
-    o.add_argument("--seed", type=seed,
-                   help=f"seed for init, data order, dropout (default {_default('seed')})")
-
-    w = p.add_argument_group("watching and saving")
-    w.add_argument("--out", dest="out_dir", metavar="DIR", type=_out_folder,
-                   help=f"run folder (default {_default('out_dir')}; --demo: {DEMO_OUT})")
-    w.add_argument("--protocol", type=_protocol, metavar="REVISION",
-                   help=f"V1 revision the exact score and the SIGReg default follow: "
-                        f"{', '.join(known_names())} (default: $SOMA_MODELS_PROTOCOL, else "
-                        f"{resolve().name})")
-    w.add_argument("--eval-every", type=_setting("eval_every"),
-                   help=f"held-out CE every N steps (default {_default('eval_every')})")
-    w.add_argument("--score-every", type=_setting("score_every"),
-                   help="exact on-chain score every N steps (default: at the end only)")
-    w.add_argument("--score-seed", type=seed,
-                   help=f"scoring seed (default {_default('score_seed')})")
-    w.add_argument("--score-seq-len", type=_setting("score_seq_len"),
-                   help="max_seq_len used for the exact score (default: the revision's)")
-    w.add_argument("--score-batch-size", type=positive_int,
-                   help="scoring batch size (default: the revision's)")
-    w.add_argument("--checkpoint-every", type=_setting("checkpoint_every"),
-                   help=f"checkpoint every N steps (default {_default('checkpoint_every')})")
-    w.add_argument("--keep-checkpoints", type=positive_int,
-                   help=f"checkpoints kept (default {_default('keep_checkpoints')})")
-    w.add_argument("--resume", action="store_const", const=True,
-                   help="continue the run in --out from its newest checkpoint (the settings "
-                        "that decide the weights must be the checkpoint's)")
-    w.add_argument("--overwrite", action="store_const", const=True,
-                   help="replace the run already in --out (its model, metrics, checkpoints)")
-    w.add_argument("--max-minutes", type=_setting("max_minutes"),
-                   help="stop (and save) after this long")
-    w.add_argument("--no-progress", dest="progress", action="store_const", const=False)
-    w.add_argument("--no-plot", dest="plot", action="store_const", const=False)
-
-    h = p.add_argument_group("hardware")
-    h.add_argument("--device", type=device,
-                   help="cpu, cuda, cuda:N, mps (default: cuda if available)")
-    h.add_argument("--threads", type=positive_int,
-                   help="torch CPU threads (default: torch's choice; 1 is often best for "
-                        "small models on a busy machine)")
-    h.add_argument("--parallel", choices=("ddp", "fsdp"),
-                   help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
+    """The options, generated from the settings (`soma_models.train.config`): one argument
+    group per setting group, in field order. Every option defaults to None so that `--demo`
+    and TrainConfig fill the gaps."""
+    values = _help_values()
+    for group in config.GROUPS:
+        arguments = p.add_argument_group(group.TITLE)
+        for field in dataclasses.fields(group):
+            if config.setting_of(field).cli:
+                _add_setting(arguments, field, values)
     p.add_argument("--demo", action="store_true",
                    help="the first-run demo: small model, the project's own text, ~5 min on CPU")
 
@@ -236,9 +165,7 @@ def _free_demo_folder() -> str:
     return str(candidate)
 
 
-def config_from_args(args: argparse.Namespace):
-    from soma_models.train.trainer import TrainConfig
-
+def config_from_args(args: argparse.Namespace) -> config.TrainConfig:
     values = dict(DEMO) if args.demo else {}
     if args.demo:
         revision = resolve(getattr(args, "protocol", None))
@@ -247,14 +174,13 @@ def config_from_args(args: argparse.Namespace):
             values["data"] = demo_corpus()
         if args.out_dir is None:
             values["out_dir"] = str(DEMO_OUT) if args.resume else _free_demo_folder()
-    fields = TrainConfig.__dataclass_fields__
-    for name in fields:
+    for name in config.FIELDS:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
     if not values.get("data"):
         raise TrainConfigError("no training data: pass --data PATH [PATH ...] (or --demo)")
-    return TrainConfig(**values)
+    return config.TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Past one machine: process groups, DDP and FSDP2 wrapping, full-state gathering.
+"""Past one machine: process groups, and the strategies (one process, DDP, FSDP2) that
+wrap the model, sync gradients and gather or restore whole states.
 
 Launch with `torchrun` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); without
 those variables everything here degrades to a single process. The backend is NCCL when
@@ -12,17 +13,19 @@ CUDA is available and gloo otherwise (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from soma_models.train.config import PARALLEL_MODES
 from soma_models.v1.torch.modules import Model
-
-PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,88 @@ class TrainingModule(nn.Module):
         return representations, self.model.predict(representations)
 
 
-def wrap(module: TrainingModule, mode: str | None, ctx: DistContext) -> nn.Module:
-    """Wrap for data-parallel training. `mode` None (or a single process) leaves it as is."""
-    if mode is not None and mode not in PARALLEL_MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}; choose one of "
-                         f"{', '.join(PARALLEL_MODES)}")
-    if mode == "fsdp":
+class Strategy:
+    """How the model is spread over processes, behind one interface, so that the training
+    step never asks which (no isinstance, no mode branches there):
+
+    * `wrap` the training module once;
+    * `gradient_sync(module, enabled)`: the context for one micro-batch's backward, which
+      all-reduces gradients only when `enabled` (the last of an accumulation);
+    * `full_model`: the plain, unsharded `Model` with the current weights (rank 0);
+    * `optimizer_state` / `load_state`: whole (unsharded) states, for checkpoints.
+
+    This base class is one process holding the whole model.
+    """
+
+    #: `train_step.make_optimizer`'s implementation ("auto": the fused kernel where it runs).
+    optimizer_implementation = "auto"
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+
+    def wrap(self, module: TrainingModule) -> nn.Module:
+        return module
+
+    def gradient_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def full_model(self, model: Model) -> Model | None:
+        """The whole `Model` on rank 0 (None elsewhere); collective where sharded. Here the
+        live model itself (no copy)."""
+        return model if self.ctx.is_main else None
+
+    def optimizer_state(self, model: Model, optimizer: torch.optim.Optimizer,
+                        names: list[str]) -> dict[str, torch.Tensor] | None:
+        """Optimizer moments as `{f"{param}.{key}": tensor}` on CPU (rank 0).
+
+        `names` are the parameter names in optimizer order."""
+        out = {}
+        for name, param in zip(names, _group_params(optimizer), strict=True):
+            for key, value in optimizer.state.get(param, {}).items():
+                out[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu()
+        return out
+
+    def load_state(self, model: Model, optimizer: torch.optim.Optimizer, names: list[str],
+                   model_state: dict[str, torch.Tensor],
+                   optim_state: dict[str, torch.Tensor]) -> None:
+        """Put whole model and optimizer states back (every rank passes the same)."""
+        with torch.no_grad():
+            own = model.state_dict()
+            for key, tensor in model_state.items():
+                own[key].copy_(tensor)
+        per_param = _per_parameter(optim_state)
+        state = {i: per_param[name] for i, name in enumerate(names) if name in per_param}
+        groups = []
+        index = 0
+        for group in optimizer.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(index, index + count))})
+            index += count
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class DataParallel(Strategy):
+    """DDP: every process holds the whole model; gradients are all-reduced (averaged)."""
+
+    def wrap(self, module: TrainingModule) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def gradient_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager:
+        return contextlib.nullcontext() if enabled else module.no_sync()
+
+
+class FullySharded(Strategy):
+    """FSDP2: parameters, gradients and optimizer state sharded over processes, one group
+    per transformer block plus a root group (embedding, final norm, predictor)."""
+
+    # Sharded (DTensor) parameters take the per-parameter loop.
+    optimizer_implementation = "loop"
+
+    def wrap(self, module: TrainingModule) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         # FSDP2 warns that a wrapped module returns views; we never modify outputs in place.
@@ -117,70 +196,42 @@ def wrap(module: TrainingModule, mode: str | None, ctx: DistContext) -> nn.Modul
             fully_shard(layer)
         fully_shard(module)
         return module
-    if ctx.distributed and mode in (None, "ddp"):
-        from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids)
-    return module
+    @contextlib.contextmanager
+    def gradient_sync(self, module: nn.Module, enabled: bool) -> Iterator[None]:
+        module.set_requires_gradient_sync(enabled)
+        yield
 
-
-def unwrap(wrapped: nn.Module) -> TrainingModule:
-    return getattr(wrapped, "module", wrapped)
-
-
-def full_model_state(wrapped: nn.Module, mode: str | None) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on CPU, keyed like `Model.state_dict()`.
-
-    Collective under FSDP (call on every rank); the result is on rank 0 only (None elsewhere).
-    """
-    inner = unwrap(wrapped)
-    if mode == "fsdp":
+    def full_model(self, model: Model) -> Model | None:
+        """Collective: every rank takes part; the gathered copy is built on rank 0 only."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(inner.model, options=StateDictOptions(
+        state = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-        return state if (not dist.is_initialized() or dist.get_rank() == 0) else None
-    return {k: v.detach().cpu() for k, v in inner.model.state_dict().items()}
+        if not self.ctx.is_main:
+            return None
+        with torch.device("meta"):
+            plain = Model(model.config)
+        plain.load_state_dict(state, assign=True)
+        return plain
 
-
-def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                         mode: str | None, names: list[str]) -> dict[str, torch.Tensor] | None:
-    """Optimizer moments as `{f"{param}.{key}": tensor}` on CPU (rank 0; collective under FSDP).
-
-    `names` are the parameter names in optimizer order (for the non-FSDP path).
-    """
-    if mode == "fsdp":
+    def optimizer_state(self, model: Model, optimizer: torch.optim.Optimizer,
+                        names: list[str]) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
         )
 
-        state = get_optimizer_state_dict(unwrap(wrapped).model, optimizer,
-                                         options=StateDictOptions(full_state_dict=True,
-                                                                  cpu_offload=True))
-        if dist.is_initialized() and dist.get_rank() != 0:
+        state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
             return None
         return {f"{name}.{key}": torch.as_tensor(value).detach().cpu()
                 for name, entry in state["state"].items() for key, value in entry.items()}
-    out = {}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for name, param in zip(names, params, strict=True):
-        for key, value in optimizer.state.get(param, {}).items():
-            out[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu()
-    return out
 
-
-def load_full_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
-                    names: list[str], model_state: dict[str, torch.Tensor],
-                    optim_state: dict[str, torch.Tensor]) -> None:
-    """Put full (unsharded) model and optimizer state back (every rank passes the same)."""
-    inner = unwrap(wrapped)
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for flat, value in optim_state.items():
-        name, _, key = flat.rpartition(".")
-        per_param.setdefault(name, {})[key] = value
-    if mode == "fsdp":
+    def load_state(self, model: Model, optimizer: torch.optim.Optimizer, names: list[str],
+                   model_state: dict[str, torch.Tensor],
+                   optim_state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -188,29 +239,33 @@ def load_full_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, mode: 
         )
 
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(inner.model, model_state, options=options)
+        set_model_state_dict(model, model_state, options=options)
         groups = [{**{k: v for k, v in g.items() if k != "params"},
                    "params": [n for n, p in zip(names, _group_params(optimizer))
                               if any(p is q for q in g["params"])]}
                   for g in optimizer.param_groups]
-        set_optimizer_state_dict(inner.model, optimizer,
-                                 {"state": per_param, "param_groups": groups}, options=options)
-        return
-    with torch.no_grad():
-        own = inner.model.state_dict()
-        for key, tensor in model_state.items():
-            own[key].copy_(tensor)
-    params = _group_params(optimizer)
-    state = {i: per_param[name] for i, name in enumerate(names) if name in per_param}
-    groups = []
-    index = 0
-    for group in optimizer.param_groups:
-        count = len(group["params"])
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(index, index + count))})
-        index += count
-    assert index == len(params)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        set_optimizer_state_dict(model, optimizer, {"state": _per_parameter(optim_state),
+                                                    "param_groups": groups}, options=options)
+
+
+def strategy(mode: str | None, ctx: DistContext) -> Strategy:
+    """The strategy for `--parallel` `mode`: "fsdp" shards; "ddp" (or None) replicates
+    under torchrun; a single process without "fsdp" is plain."""
+    if mode is not None and mode not in PARALLEL_MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; choose one of "
+                         f"{', '.join(PARALLEL_MODES)}")
+    if mode == "fsdp":
+        return FullySharded(ctx)
+    return DataParallel(ctx) if ctx.distributed else Strategy(ctx)
+
+
+def _per_parameter(optim_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`{f"{param}.{key}": tensor}` as `{param: {key: tensor}}`."""
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, value in optim_state.items():
+        name, _, key = flat.rpartition(".")
+        per_param.setdefault(name, {})[key] = value
+    return per_param
 
 
 def _group_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -1,22 +1,23 @@
-"""Measuring a run: held-out cross-entropy, the exact on-chain score, a JSONL log."""
+"""Measuring a run: its evaluation (held-out cross-entropy, the exact on-chain score), a
+JSONL log, the summary and the loss plot. Framework-free: the engine supplies the
+cross-entropy of its framework's model, and the score is `soma_models.v1.scoring`'s."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from soma_models.atomic import atomic_write
+from soma_models.train.checkpoint import write_json
+from soma_models.train.plot import MISSING_MATPLOTLIB, plot_losses
 from soma_models.v1.configs import SIGRegConfig
 from soma_models.v1.contract import ScoringContract
 from soma_models.v1.scoring import Score, score
-from soma_models.v1.tokenizer import iter_batches
-from soma_models.v1.torch.loss import cross_entropy_sum
 
 
 class MetricsLog:
@@ -45,32 +46,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-@torch.no_grad()
-def heldout_cross_entropy(model: torch.nn.Module, data: bytes, max_seq_len: int,
-                          batch_size: int) -> float:
-    """Cross-entropy in nats per predicted token (EOS included, PAD excluded) on `data`.
-
-    `data` is cut by the data contract exactly as scoring cuts it (positions from 0).
-    An untrained model sits near ln(264) = 5.58.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for batch in iter_batches(data, max_seq_len, batch_size):
-            tokens = torch.from_numpy(batch.token_ids.astype(np.int64)).to(device)
-            targets = torch.from_numpy(batch.targets.astype(np.int64)).to(device)
-            pos = torch.from_numpy(batch.pos_ids).to(device)
-            total += float(cross_entropy_sum(model(tokens, pos), targets))
-            count += batch.num_data_tokens
-    finally:
-        model.train(was_training)
-    return total / count
-
-
-@torch.no_grad()
-def exact_score(model: torch.nn.Module, data: bytes, seed: int, *,
+def exact_score(model: Any, data: bytes, seed: int, *,
                 contract: ScoringContract | None = None, max_seq_len: int | None = None,
                 batch_size: int | None = None,
                 sig_reg_config: SIGRegConfig | None = None) -> Score:
@@ -78,12 +54,54 @@ def exact_score(model: torch.nn.Module, data: bytes, seed: int, *,
     `soma_models.v1.scoring.score` itself: the trainer reports the number the chain would.
 
     contract: the run's revision and scoring settings (None: the process-wide revision's);
-    the parts override it. `Score.protocol` names the contract's revision."""
-    was_training = model.training
-    model.eval()
-    try:
-        return score(model, data, seed, model_config=model.config, contract=contract,
-                     sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
-                     batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    the parts override it. `Score.protocol` names the contract's revision. The scoring
+    backend runs the model in evaluation mode and without gradients, whatever its framework."""
+    return score(model, data, seed, model_config=model.config, contract=contract,
+                 sig_reg_config=sig_reg_config, max_seq_len=max_seq_len,
+                 batch_size=batch_size)
+
+
+CrossEntropy = Callable[[Any, bytes, int, int], float]
+
+
+def evaluate(model: Any, data: bytes, lengths: Sequence[int], *, cross_entropy: CrossEntropy,
+             batch_tokens: int, seed: int, contract: ScoringContract | None) -> dict[str, float]:
+    """A run's evaluation of its plain `model` on held-out `data`.
+
+    Held-out cross-entropy at every training length in `lengths` (`cross_entropy(model,
+    data, length, rows)` is the engine's, with `batch_tokens // length` rows a batch);
+    `val_ce` is the last length's (what the finished model is trained for), and the
+    per-length `val_ce_at_N` are kept only with a curriculum. With a `contract`, `score`
+    is the exact on-chain score under it with `seed`."""
+    out = {f"val_ce_at_{length}": cross_entropy(model, data, length,
+                                                max(1, batch_tokens // length))
+           for length in lengths}
+    out["val_ce"] = out[f"val_ce_at_{lengths[-1]}"]
+    if len(lengths) == 1:
+        del out[f"val_ce_at_{lengths[0]}"]
+    if contract is not None:
+        out["score"] = float(exact_score(model, data, seed, contract=contract).loss)
+    return out
+
+
+def describe_evaluation(step: int, evals: dict[str, float]) -> str:
+    """One line for the progress bar."""
+    return (f"step {step}: held-out CE {evals['val_ce']:.4f}"
+            + "".join(f", at {k[len('val_ce_at_'):]} bytes {v:.4f}"
+                      for k, v in evals.items() if k.startswith("val_ce_at_"))
+            + (f", exact score {evals['score']:.4f}" if "score" in evals else ""))
+
+
+def write_summary(out_dir: Path, log: MetricsLog, summary: dict[str, Any], *,
+                  plot_title: str | None) -> Path | None:
+    """`summary.json`, and the loss plot `loss.png` from the metrics log unless
+    `plot_title` is None. Returns the plot's path (None: not asked, or no matplotlib,
+    which is said on stderr)."""
+    plot_path = None
+    if plot_title is not None:
+        records = read_metrics(log.path) if log.path.exists() else []
+        plot_path = plot_losses(records, out_dir / "loss.png", title=plot_title)
+        if plot_path is None:
+            print(MISSING_MATPLOTLIB, file=sys.stderr)
+    write_json(out_dir / "summary.json", summary)
+    return plot_path

@@ -33,6 +33,8 @@ except ImportError:  # Windows
 
 from typing import Self
 
+from soma_models.atomic import clean_stale
+from soma_models.train.checkpoint import has_checkpoint
 from soma_models.train.errors import TrainError
 
 LOCK_FILE = ".lock"
@@ -66,6 +68,59 @@ def clear_run(folder: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+class RunFolder:
+    """The `--out` folder of one run: claimed (locked and checked) by the main process before
+    anything is written, released at the end (removed if the run created it and left it
+    empty). `checkpoints` is where `soma_models.train.checkpoint` keeps the run's."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self._lock: RunLock | None = None
+        self._created = False
+
+    def claim(self, *, resume: bool, overwrite: bool) -> None:
+        """Lock the folder and check that this run may write there: a folder that holds a
+        run needs `resume` or `overwrite`, and `resume` needs a checkpoint."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out}: exists and is not a folder")
+        self._created = not out.exists()
+        self._lock = RunLock(out).acquire()
+        try:
+            present = existing_entries(out)
+            if resume and not has_checkpoint(self.checkpoints):
+                hint = (" (it holds an unfinished run: --overwrite starts over)" if present
+                        else "")
+                raise RunFolderError(f"--resume: no checkpoint to resume from in "
+                                     f"{self.checkpoints}{hint}")
+            if present and not resume and not overwrite:
+                raise RunFolderError(
+                    f"--out {out} already holds a run ({', '.join(present)}); continue it "
+                    f"with --resume, replace it with --overwrite, or choose another --out")
+        except BaseException:
+            self.release()
+            raise
+
+    def tidy(self, *, overwrite: bool) -> None:
+        """Lock held: replace an old run (`overwrite`) and remove the temporaries that killed
+        writers left (`atomic.staging` also does so on every write)."""
+        if overwrite:
+            clear_run(self.path)
+        clean_stale(self.path)
+        if self.checkpoints.is_dir():
+            clean_stale(self.checkpoints)
+
+    def release(self) -> None:
+        """Unlock (and remove the folder if this run created it and nothing was written)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()  # only succeeds if nothing was written
 
 
 class RunLock:
