@@ -105,11 +105,14 @@ def check_bf16_autocast(device: torch.device) -> None:
 
 def check_compile(device: torch.device, backend: str | Callable[..., Any] = "inductor"
                   ) -> None:
-    """Refuse, in one line, a `torch.compile` that cannot work on `device`.
+    """Refuse, in one line, a `torch.compile` of the blocks that cannot work on `device`.
 
     The default backend (inductor) generates Triton kernels on CUDA and C++ on the CPU,
     so it needs Triton, or a C++ compiler (`$CXX`, g++ or clang++), respectively.
     """
+    if not hasattr(torch.compiler, "set_stance"):
+        raise ValueError(f"compiling the blocks needs torch >= 2.6 (torch.compiler.set_stance "
+                         f"keeps evaluation eager), found torch {torch.__version__}")
     if backend != "inductor":
         return
     if device.type == "cuda":

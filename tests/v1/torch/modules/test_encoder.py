@@ -82,3 +82,17 @@ def test_shared_tables_are_bit_identical(checkpointing: bool) -> None:
     (shared, shared_grads), (own, own_grads) = results
     assert torch.equal(shared, own)
     assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads, strict=True))
+
+
+def test_a_model_compiled_whole_evaluates_and_trains() -> None:
+    # The encoder keeps compiled blocks eager when evaluating; a model someone compiles
+    # whole is traced through that switch instead (no stance change inside a graph).
+    torch.manual_seed(7)
+    model = Model(CONFIG).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(compiled(tokens), model(tokens))
+    model.train()
+    compiled(tokens).sum().backward()
+    assert model.embedding.weight.grad is not None

@@ -16,6 +16,18 @@ from soma_models.v1.torch.modules.layer import Layer
 __all__ = ["Encoder", "EncoderConfig", "Layer", "LayerConfig"]
 
 
+def _eager_blocks() -> contextlib.AbstractContextManager:
+    """Blocks compiled for training (`train_step.prepare_model(compile=True)`) run eagerly
+    when evaluating: scores are the eager float32 computation, bit for bit, whatever code
+    the compiler would have generated. Inside a graph being traced (someone compiled the
+    whole model) there is nothing to switch, and torch < 2.6 has no stance to switch to
+    (`train_step.check_compile` refuses to compile blocks there)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 class Encoder(nn.Module):
     """`num_layers` pre-norm blocks: `[B, S, D]`, pos_ids `[B, S]` -> `[B, S, D]`.
 
@@ -41,10 +53,7 @@ class Encoder(nn.Module):
         # the dtype q and k come out in (bf16 under autocast), so no layer casts them.
         rope = self.layers[0].attention.rope_tables(pos_ids, compute_dtype(x))
         training = self.training and torch.is_grad_enabled()
-        # Blocks compiled for training (`train_step.prepare_model(compile=True)`) run
-        # eagerly when evaluating: scores are the eager float32 computation, bit for bit,
-        # whatever code the compiler would have generated.
-        with contextlib.nullcontext() if training else torch.compiler.set_stance("force_eager"):
+        with contextlib.nullcontext() if training else _eager_blocks():
             for layer in self.layers:
                 if self.activation_checkpointing and training:
                     x = checkpoint(layer, x, pos_ids, rope=rope, use_reentrant=False)
