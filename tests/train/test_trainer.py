@@ -145,3 +145,29 @@ def test_init_from_starts_from_those_weights(corpus, tmp_path):
                                  source.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     trainer.close()
+
+
+@pytest.mark.parametrize("checkpoint_every, gathers, checks", [(3, 2, 2), (4, 3, 2)])
+def test_one_gather_per_evaluation_or_save_point(corpus, tmp_path, checkpoint_every, gathers,
+                                                 checks):
+    # Under FSDP a gather is a collective copy of the whole model: the final step's
+    # evaluation, checkpoint and weights file share one, and the weights pass the
+    # finiteness gate once per point that saves them.
+    from soma_models.train.torch_engine import TorchEngine
+
+    calls = {"gather": 0, "non_finite": 0}
+
+    class Counting(TorchEngine):
+        def gather(self):
+            calls["gather"] += 1
+            return super().gather()
+
+        def non_finite(self, plain):
+            calls["non_finite"] += 1
+            return super().non_finite(plain)
+
+    cfg = small_config(corpus, tmp_path / "run", steps=6, eval_every=3,
+                       checkpoint_every=checkpoint_every)
+    result = Trainer(cfg, engine=Counting()).run()
+    assert result.step == 6 and result.score is not None
+    assert calls == {"gather": gathers, "non_finite": checks}

@@ -86,6 +86,35 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_writer,
     return final
 
 
+OPTIMIZER_PREFIX = "optimizer."
+RNG_PREFIX = "rng."
+
+
+def save_run(root: str | os.PathLike, step: int, *, model_writer,
+             optimizer: Mapping[str, np.ndarray], run_state: Mapping[str, Any],
+             record: Mapping[str, Any], keep_last: int) -> Path:
+    """A trainer's checkpoint: `optimizer` (`{f"{param}.{key}": array}`) and the RNG byte
+    states (`run_state["rng_tensors"]`) to `state.safetensors`, the rest of `run_state`
+    (`Trainer.state_dict()`) and `record` (configs, corpus) to `trainer_state.json`."""
+    tensors = {OPTIMIZER_PREFIX + name: value for name, value in optimizer.items()}
+    tensors.update(run_state["rng_tensors"])
+    state = {**{k: v for k, v in run_state.items() if k != "rng_tensors"}, **record}
+    return save_checkpoint(root, step, model_writer=model_writer, tensors=tensors, state=state,
+                           keep_last=keep_last)
+
+
+def load_run(root: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """The newest checkpoint under `root` as `(folder, state, optimizer)`: `state` is what
+    `save_run` got as `run_state` and `record` (so `Trainer.load_state_dict` takes it),
+    `optimizer` as it was given. CheckpointError (one line) if missing or damaged."""
+    folder = find_checkpoint(root)
+    state, tensors = read_checkpoint(folder)
+    state["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
+    optimizer = {k[len(OPTIMIZER_PREFIX):]: v for k, v in tensors.items()
+                 if k.startswith(OPTIMIZER_PREFIX)}
+    return folder, state, optimizer
+
+
 def capture_rng() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The process's RNG states: `(tensors, json_state)` for `save_checkpoint`'s
     `tensors` (byte states) and `state["rng"]` (NumPy's and Python's, JSON-able)."""

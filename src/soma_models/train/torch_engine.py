@@ -1,17 +1,8 @@
-"""The torch engine: everything of a run that is torch's, driven by `trainer.Trainer`.
+"""The torch engine (`engine.Engine`): the part of a run that is torch's, driven by the
+framework-free `trainer.Trainer`.
 
-The trainer (data, schedule, loop, evaluation and save points, checkpoints, run folder)
-is framework-free; an engine is the small part that is not:
-
-* processes: `rank`, `world_size`, `is_main`, `barrier`, `broadcast`, `all_reduce_mean`;
-* `build(cfg, model_config)`: the model (from scratch, or `--init-from` loaded as is), the
-  optimizer and SIGReg, spread over processes by a `distributed.Strategy`;
-* the step: `backward(micro_batches, step)` (forward and backward of this process's
-  micro-batches, gradients synced on the last) then `update(lr, before_step)`;
-* whole states, once per evaluation/save point: `gather()` (the plain model on rank 0),
-  `non_finite`, `cross_entropy`, `save_weights`, `optimizer_state`, `load`, and the RNG
-  states (`rng_state` / `set_rng_state`).
-
+The model is spread over processes by a `distributed.Strategy` (one process, DDP or
+FSDP2), which the step never asks about. `--init-from` loads the weights file as the model.
 Each micro-batch's randomness is a function of `(seed, step, global micro-batch)`:
 torch's RNG is re-seeded before it (dropout) and the SIGReg noise has its own generator.
 """
@@ -45,7 +36,7 @@ def _load_weights(path: str | Path, model_config: ModelConfig) -> Model:
 
 
 class TorchEngine:
-    """One process's torch side of a run (see the module docstring)."""
+    """One process's torch side of a run; its methods are `engine.Engine`'s."""
 
     def __init__(self, device: str | None = None, ctx: distrib.DistContext | None = None):
         """Join the torchrun process group, if any (`ctx`: one already joined)."""

@@ -38,11 +38,11 @@ follows.
 Components. The settings are `config.TrainConfig`'s; the run folder `run_folder`'s;
 writing, pruning, the finiteness gate and the resume check `checkpoint`'s; evaluation,
 the summary and the plot `metrics`'s; the chunking `data`'s. This module keeps setup, the
-step and the loop, and is framework-free: the framework's half of a run is an *engine*
-(`torch_engine.TorchEngine`; its module docstring lists what an engine provides), which
-the trainer drives through `engine.backward` / `engine.update` for a step and
-`engine.gather` once per evaluation/save point. Another framework's engine plugs in as
-`Trainer(cfg, engine=...)`, leaving the loop untouched.
+step and the loop, and is framework-free: the framework's half of a run is an engine
+(the protocol `engine.Engine`; torch's is `torch_engine.TorchEngine`), which the trainer
+drives through `engine.backward` / `engine.update` for a step and `engine.gather` once per
+evaluation/save point. Another framework's engine plugs in as `Trainer(cfg, engine=...)`,
+leaving the loop untouched.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from typing import Any
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import config
 from soma_models.train.config import TrainConfig
+from soma_models.train.engine import Engine
 from soma_models.train.data import (
     ChunkStream,
     ChunkTable,
@@ -116,7 +117,7 @@ def _corpus_fingerprint(documents) -> str:
     return h.hexdigest()
 
 
-def torch_engine(cfg: TrainConfig, ctx: Any = None) -> Any:
+def torch_engine(cfg: TrainConfig, ctx: Any = None) -> Engine:
     """The default engine (imported here, so that this module needs no framework)."""
     from soma_models.train.torch_engine import TorchEngine
 
@@ -129,7 +130,7 @@ class Trainer:
     `engine` is the framework's half (default: `TorchEngine` on `ctx`, the torchrun
     process group); see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, ctx: Any = None, *, engine: Any = None):
+    def __init__(self, cfg: TrainConfig, ctx: Any = None, *, engine: Engine | None = None):
         try:
             self.revision = cfg.revision()
         except ValueError as exc:  # the argument's, or SOMA_MODELS_PROTOCOL's (it says so)
@@ -139,7 +140,7 @@ class Trainer:
         config.check_settings(cfg)
         self.contract = ScoringContract.of(self.revision, max_seq_len=cfg.score_seq_len,
                                            batch_size=cfg.score_batch_size)
-        self.engine = engine or torch_engine(cfg, ctx)
+        self.engine: Engine = engine or torch_engine(cfg, ctx)
         layout = config.batch_layout(cfg, self.engine.world_size)
         self.micro_batch_size, self.accumulation = layout.micro_batch_size, layout.accumulation
         self.folder = RunFolder(cfg.out_dir)
@@ -230,41 +231,36 @@ class Trainer:
         self.engine.set_rng_state(state["rng_tensors"], state["rng"])
         self._snapshot = None
 
+    def _record(self) -> dict[str, Any]:
+        """What `run.json` and every checkpoint record of the run, for resuming checks."""
+        return {"model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
+                "corpus": self.corpus, "world_size": self.engine.world_size}
+
     def save_checkpoint(self) -> None:
-        """Checkpoint the current step (collective): weights (through the finiteness gate),
-        optimizer state, `state_dict()`, and the configs and corpus resuming checks."""
+        """Checkpoint the current step (collective): the weights (through the finiteness
+        gate), the optimizer state, `state_dict()` and the run's record."""
         snapshot = self._plain()
         self._require_finite(snapshot)
         optimizer = self.engine.optimizer_state()
         if self.engine.is_main:
-            run_state = self.state_dict()
-            tensors = {f"optimizer.{k}": v for k, v in optimizer.items()}
-            tensors.update(run_state.pop("rng_tensors"))
-            state = {**run_state, "model_config": self.model_config.to_dict(),
-                     "train_config": self.cfg.to_dict(), "corpus": self.corpus,
-                     "world_size": self.engine.world_size}
-            ckpt.save_checkpoint(
-                self.folder.checkpoints, self.step, tensors=tensors, state=state,
-                model_writer=lambda path: self.engine.save_weights(snapshot.model, path),
-                keep_last=self.cfg.keep_checkpoints)
+            ckpt.save_run(self.folder.checkpoints, self.step,
+                          model_writer=lambda path: self.engine.save_weights(snapshot.model, path),
+                          optimizer=optimizer, run_state=self.state_dict(), record=self._record(),
+                          keep_last=self.cfg.keep_checkpoints)
         self.engine.barrier()
 
     def resume(self) -> None:
         """Continue from the newest checkpoint under `out_dir`; refuses (one line) a missing
         checkpoint and any setting that would make the run differ from the checkpoint's."""
         try:
-            folder = ckpt.find_checkpoint(self.folder.checkpoints)
-            state, tensors = ckpt.read_checkpoint(folder)
+            folder, state, optimizer = ckpt.load_run(self.folder.checkpoints)
         except ckpt.CheckpointError as exc:
             raise TrainError(str(exc)) from None
         ckpt.check_resumable(folder, state, model_config=self.model_config.to_dict(),
                              train_config=self.cfg.to_dict(),
                              fingerprint=self.corpus["fingerprint"], phases=len(self.phases))
-        prefix = "optimizer."
-        self.engine.load(folder / ckpt.MODEL_FILE, {k[len(prefix):]: v for k, v in tensors.items()
-                                                   if k.startswith(prefix)})
-        self.load_state_dict({**state, "rng_tensors": {k: v for k, v in tensors.items()
-                                                       if k.startswith("rng.")}})
+        self.engine.load(folder / ckpt.MODEL_FILE, optimizer)
+        self.load_state_dict(state)
         if self.engine.is_main:
             self.log.truncate_after(self.step)
 
@@ -360,9 +356,7 @@ class Trainer:
             self.resume()
         if engine.is_main:
             ckpt.write_json(self.out_dir / "run.json", {
-                "protocol": self.revision.name,
-                "train_config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
-                "corpus": self.corpus, "world_size": engine.world_size,
+                **self._record(), "protocol": self.revision.name,
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation})
         start_step, start_tokens, started = self.step, self.tokens, time.perf_counter()
         bar = None
