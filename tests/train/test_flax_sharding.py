@@ -62,3 +62,62 @@ def test_two_device_mesh_matches_one_device():
     assert result["one"] == pytest.approx(result["two"], rel=1e-5, abs=1e-5)
     assert result["one"][-1] < result["one"][0]          # it trains
     assert result["max_param_diff"] < 1e-5
+
+
+# --- jax.distributed from the environment ------------------------------------------
+
+
+def test_single_process_environments_join_nothing():
+    from soma_models.train.flax_sharding import distributed_settings
+
+    assert distributed_settings({}) is None
+    assert distributed_settings({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert distributed_settings({"SLURM_NTASKS": "1"}) is None
+
+
+def test_jax_names_come_before_torchrun_names():
+    from soma_models.train.flax_sharding import distributed_settings
+
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3", "MASTER_ADDR": "other", "WORLD_SIZE": "2", "RANK": "0"}
+    assert distributed_settings(env) == {"coordinator_address": "10.0.0.1:1234",
+                                         "num_processes": 4, "process_id": 3}
+
+
+def test_torchrun_environment():
+    from soma_models.train.flax_sharding import distributed_settings
+
+    env = {"MASTER_ADDR": "node0", "MASTER_PORT": "4000", "WORLD_SIZE": "2", "RANK": "1"}
+    assert distributed_settings(env) == {"coordinator_address": "node0:4000",
+                                         "num_processes": 2, "process_id": 1}
+    del env["MASTER_PORT"]
+    assert distributed_settings(env)["coordinator_address"] == "node0:29500"
+
+
+def test_launchers_jax_detects_itself():
+    from soma_models.train.flax_sharding import distributed_settings
+
+    assert distributed_settings({"SLURM_NTASKS": "8"}) == {}
+    assert distributed_settings({"OMPI_COMM_WORLD_SIZE": "2"}) == {}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': expected an integer >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "neither JAX_COORDINATOR_ADDRESS nor MASTER_ADDR"),
+    ({"MASTER_ADDR": "h", "RANK": "0"}, "neither JAX_NUM_PROCESSES nor WORLD_SIZE"),
+    ({"MASTER_ADDR": "h", "WORLD_SIZE": "2"}, "neither JAX_PROCESS_ID nor RANK"),
+    ({"MASTER_ADDR": "h", "WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: expected an index below"),
+    ({"MASTER_ADDR": "h", "WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1': expected an integer"),
+])
+def test_bad_environments_are_one_line_errors(env, message):
+    from soma_models.train.flax_sharding import distributed_settings
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as caught:
+        distributed_settings(env)
+    assert "\n" not in str(caught.value)
+
+
+def test_initialize_from_env_single_process_does_nothing():
+    from soma_models.train.flax_sharding import initialize_from_env
+
+    assert initialize_from_env({}) is False

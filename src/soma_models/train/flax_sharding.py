@@ -12,17 +12,19 @@ cross-device reductions itself: N devices compute the same loss and gradient as 
     step.update_model()                                  # write params back into `model`
 
 On one host with CPU only, `XLA_FLAGS=--xla_force_host_platform_device_count=N` makes N
-CPU devices (set before JAX starts). Across hosts, call `jax.distributed.initialize()`
-first and build the mesh over `jax.devices()`.
+CPU devices (set before JAX starts). Across hosts, call `initialize_from_env()` first
+(`jax.distributed.initialize`, configured from the environment; see `distributed_settings`)
+and build the mesh over `jax.devices()`, every host's devices: each process then passes
+its own rows, `B / jax.process_count()` of the global batch, and the same noise.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -34,6 +36,86 @@ from soma_models.v1.flax.modules.sig_reg import SIGReg
 from soma_models.v1.flax.train_step import make_optimizer, train_step
 
 DATA_AXIS = "data"
+
+
+# (variable, what it names) read by `distributed_settings`, JAX's names first.
+_COORDINATOR = ("JAX_COORDINATOR_ADDRESS", "MASTER_ADDR")
+_PROCESS_COUNT = ("JAX_NUM_PROCESSES", "WORLD_SIZE")
+_PROCESS_ID = ("JAX_PROCESS_ID", "RANK")
+# Launchers whose environment `jax.distributed.initialize()` reads by itself.
+_AUTO_DETECTED = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _first(environ: Mapping[str, str], names: Sequence[str]) -> tuple[str, str] | None:
+    for name in names:
+        if environ.get(name, "") != "":
+            return name, environ[name]
+    return None
+
+
+def _count(found: tuple[str, str], minimum: int) -> int:
+    name, text = found
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={text!r}: expected an integer >= "
+                         f"{minimum}")
+    return value
+
+
+def distributed_settings(environ: Mapping[str, str] | None = None) -> dict | None:
+    """The `jax.distributed.initialize` arguments the environment describes, `{}` to let
+    JAX detect a SLURM or Open MPI launch itself, or None for a single process.
+
+    Read, JAX's names first, then torchrun's: the coordinator `JAX_COORDINATOR_ADDRESS`
+    (host:port) or `MASTER_ADDR` (+ `MASTER_PORT`, default 29500); the number of processes
+    `JAX_NUM_PROCESSES` or `WORLD_SIZE`; this process's index `JAX_PROCESS_ID` or `RANK`.
+    One process (count 1, or no coordinator and no count) is None. A bad value is a
+    one-line ValueError naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    count = _first(environ, _PROCESS_COUNT)
+    processes = _count(count, 1) if count else None
+    coordinator = _first(environ, _COORDINATOR)
+    if processes == 1:
+        return None
+    if coordinator is None:
+        if processes is not None:
+            raise ValueError(f"environment variable {count[0]}={processes} asks for several "
+                             f"processes but neither {' nor '.join(_COORDINATOR)} names the "
+                             "coordinator")
+        detected = any(_count((n, environ[n]), 1) > 1 for n in _AUTO_DETECTED
+                       if environ.get(n, "") != "")
+        return {} if detected else None
+    if processes is None:
+        raise ValueError(f"environment variable {coordinator[0]} names a coordinator but "
+                         f"neither {' nor '.join(_PROCESS_COUNT)} gives the process count")
+    process = _first(environ, _PROCESS_ID)
+    if process is None:
+        raise ValueError(f"several processes ({count[0]}={processes}) but neither "
+                         f"{' nor '.join(_PROCESS_ID)} gives this process's index")
+    process_id = _count(process, 0)
+    if process_id >= processes:
+        raise ValueError(f"environment variable {process[0]}={process_id}: expected an "
+                         f"index below the process count {processes}")
+    address = coordinator[1]
+    if coordinator[0] == "MASTER_ADDR":
+        address = f"{address}:{environ.get('MASTER_PORT') or 29500}"
+    return {"coordinator_address": address, "num_processes": processes,
+            "process_id": process_id}
+
+
+def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """`jax.distributed.initialize` with `distributed_settings(environ)`; call it before
+    anything else touches JAX. Returns whether this is a multi-process run (False: one
+    process, nothing to join)."""
+    settings = distributed_settings(environ)
+    if settings is None:
+        return False
+    jax.distributed.initialize(**settings)
+    return True
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -94,20 +176,29 @@ class ShardedTrainStep:
 
     def __call__(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
                  noise: np.ndarray) -> float:
-        """Train on one global batch (`[B, S]` arrays, B divisible by the mesh size)."""
+        """Train on one global batch: this process's rows `[B / processes, S]` (all of
+        it in one process), the global batch divisible by the mesh size; `noise`
+        `[D, slices]`, the same in every process."""
         devices = self.mesh.devices.size
-        if token_ids.shape[0] % devices:
-            raise ValueError(f"batch of {token_ids.shape[0]} rows cannot be split evenly over "
+        rows = token_ids.shape[0] * jax.process_count()
+        if rows % devices:
+            raise ValueError(f"batch of {rows} rows cannot be split evenly over "
                              f"{devices} devices")
-
-        def put(a, s):
-            return jax.device_put(jnp.asarray(a), s)
-
         self.params, self.rest, self.opt_state, loss = self._step(
-            self.params, self.rest, self.opt_state, put(token_ids, self.rows),
-            put(targets, self.rows),
-            put(pos_ids.astype(np.int32), self.rows), put(noise, self.replicated))
+            self.params, self.rest, self.opt_state, *self.global_batch(
+                token_ids, targets, pos_ids, noise))
         return float(loss)
+
+    def global_batch(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
+                     noise: np.ndarray) -> tuple[jax.Array, ...]:
+        """This process's rows as the global arrays the step takes (rows split over the
+        mesh, noise replicated). One host-to-device copy each; nothing gathered."""
+        def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+
+        return (put(token_ids, self.rows), put(targets, self.rows),
+                put(np.asarray(pos_ids).astype(np.int32), self.rows),
+                put(noise, self.replicated))
 
     def update_model(self) -> Model:
         """Write the trained parameters back into the `Model` (then `model.save(...)`)."""
