@@ -29,6 +29,7 @@ from soma_models.v1.noise import check_seed
 from soma_models.v1.revisions import Revision, resolve
 
 PARALLEL_MODES = ("ddp", "fsdp")       # distributed strategies under torchrun
+FRAMEWORKS = ("torch", "flax")         # the engines of soma-models train
 SIZE_FIELDS = ("embedding_dim", "num_layers", "num_heads", "pwff_hidden_dim")
 
 
@@ -274,6 +275,10 @@ class HardwareSettings:
 
     TITLE: ClassVar[str] = "hardware"
 
+    # Not resumable: a checkpoint's optimizer and RNG states are its framework's.
+    framework: str = setting("torch", choices=FRAMEWORKS,
+                             help="torch (default) or flax (JAX: a data-parallel mesh over "
+                                  "this host's devices)")
     device: str | None = setting(None, resume=True, parser="device",
                                  help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     threads: int | None = setting(None, rule=at_least(1), resume=True, parser="positive_int",
@@ -285,6 +290,16 @@ class HardwareSettings:
     activation_checkpointing: bool = setting(False, resume=True, cli=False)
     compile: bool = setting(False, resume=True, cli=False)
 
+
+#: Settings only the torch engine honours, with what --framework flax does instead.
+TORCH_ONLY = {
+    "parallel": "the batch is split over a jax.sharding mesh of this host's devices instead",
+    "threads": "XLA sizes its own CPU thread pool",
+    "sig_reg_positions": "SIGReg runs on every position",
+    "bf16": "the Flax model computes in float32",
+    "activation_checkpointing": "not implemented for Flax",
+    "compile": "every Flax step is compiled by jax.jit already",
+}
 
 #: The groups in `--help` order.
 GROUPS = (DataSettings, ModelSettings, OptimiserSettings, WatchSettings, HardwareSettings)
@@ -378,6 +393,16 @@ def check_settings(cfg: TrainConfig) -> None:
     _require(cfg.split in SPLITS, f"unknown split {cfg.split!r}; choose one of {SPLITS}")
     _require(cfg.parallel in (None, *PARALLEL_MODES),
              f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp")
+    _require(cfg.framework in FRAMEWORKS,
+             f"unknown --framework {cfg.framework!r}; choose torch or flax")
+    if cfg.framework == "flax":
+        for name, instead in TORCH_ONLY.items():
+            _require(getattr(cfg, name) in (None, False),
+                     f"{option_name(name)} is torch-only; --framework flax cannot honour it "
+                     f"({instead})")
+        _require(cfg.device is None or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+                 f"--device {cfg.device} is torch-only; --framework flax takes cpu, cuda or "
+                 f"cuda:N")
     _require(not (cfg.resume and cfg.overwrite),
              "--resume and --overwrite exclude each other: continue the run, or replace it")
 

@@ -124,6 +124,16 @@ def torch_engine(cfg: TrainConfig, ctx: Any = None) -> Engine:
     return TorchEngine(cfg.device, ctx)
 
 
+def engine_for(cfg: TrainConfig, ctx: Any = None) -> Engine:
+    """`cfg.framework`'s engine: torch's (on `ctx`, the torchrun process group) or Flax's."""
+    if cfg.framework == "flax":
+        from soma_models.train.flax_engine import FlaxEngine
+
+        config.check_settings(cfg)  # torch-only options refused before JAX starts
+        return FlaxEngine(cfg.device)
+    return torch_engine(cfg, ctx)
+
+
 class Trainer:
     """One training run. `Trainer(cfg).run()` trains, checkpoints, scores, plots.
 
@@ -140,7 +150,7 @@ class Trainer:
         config.check_settings(cfg)
         self.contract = ScoringContract.of(self.revision, max_seq_len=cfg.score_seq_len,
                                            batch_size=cfg.score_batch_size)
-        self.engine: Engine = engine or torch_engine(cfg, ctx)
+        self.engine: Engine = engine or engine_for(cfg, ctx)
         layout = config.batch_layout(cfg, self.engine.world_size)
         self.micro_batch_size, self.accumulation = layout.micro_batch_size, layout.accumulation
         self.folder = RunFolder(cfg.out_dir)
@@ -436,8 +446,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run `cfg` (joins a torchrun process group when launched under one)."""
-    engine = torch_engine(cfg)
+    """Run `cfg` with its framework's engine (torch joins a torchrun process group when
+    launched under one)."""
+    engine = engine_for(cfg)
     try:
         return Trainer(cfg, engine=engine).run()
     finally:

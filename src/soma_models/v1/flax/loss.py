@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,29 @@ def cross_entropy_rows(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logits `[R, S, V]`, targets `[R, S]` -> `[R]`; the rows add up to `cross_entropy_sum`.
     """
     return -jnp.sum(_target_log_probs(logits, targets), axis=-1)
+
+
+class LossTerms(NamedTuple):
+    """The on-chain loss of one batch, term by term (scalars, differentiable); the mirror
+    of `soma_models.v1.torch.loss.LossTerms`.
+
+    loss = cross_entropy + sig_reg; cross_entropy = ce_sum / every position of the batch.
+    """
+
+    loss: jax.Array
+    cross_entropy: jax.Array
+    sig_reg: jax.Array
+    ce_sum: jax.Array
+
+
+def loss_terms(representations: jax.Array, logits: jax.Array, targets: jax.Array,
+               sig_reg: SIGReg, noise: jax.Array | None = None) -> LossTerms:
+    """The on-chain loss from a forward pass's outputs: representations `[B, S, D]`, logits
+    `[B, S, V]`, integer targets `[B, S]`, SIGReg noise `[D, slices]` (None: drawn)."""
+    ce_sum = cross_entropy_sum(logits, targets)
+    cross_entropy = ce_sum / targets.size
+    regulariser = sig_reg(representations, noise=noise)
+    return LossTerms(cross_entropy + regulariser, cross_entropy, regulariser, ce_sum)
 
 
 def compute_loss(
@@ -68,8 +93,7 @@ def compute_loss(
     targets = targets.astype(jnp.int32)  # any integer dtype; uint8 cannot be compared to PAD
     pos_ids = pick("compute_loss", "pos_ids", pos_ids, "positions", positions)
     representations = model.encode(token_ids, pos_ids)
-    logits = model.predict(representations)
-    cross_entropy = cross_entropy_sum(logits, targets) / targets.size
-    loss = cross_entropy + sig_reg(representations, noise=noise)
+    loss = loss_terms(representations, model.predict(representations), targets, sig_reg,
+                      noise).loss
     embedding = representations.mean(axis=1).mean(axis=0)
     return loss, embedding
