@@ -53,13 +53,13 @@ def test_a_corrupt_index_is_refused_at_open_and_corrupt_bytes_by_verify(corpus_f
     data[5] ^= 1
     bin_path.write_bytes(bytes(data))
     Corpus(corpus_folder)  # same size: open does not read the document bytes
-    with pytest.raises(CorpusError, match="shard-00000.bin: its blake2b does not match"):
+    with pytest.raises(CorpusError, match="shard-00000.bin: its SHA-256 does not match"):
         Corpus(corpus_folder).verify()
     idx = shard_path(corpus_folder, 2, "idx")
     offsets = np.fromfile(idx, "<i8")
     offsets[1] += 1
     offsets.tofile(idx)
-    with pytest.raises(CorpusError, match="shard-00002.idx: its blake2b does not match"):
+    with pytest.raises(CorpusError, match="shard-00002.idx: its SHA-256 does not match"):
         Corpus(corpus_folder)
 
 

@@ -16,7 +16,7 @@ from soma_models.train.errors import TrainConfigError
 #: `soma-models train --help`'s groups and options, as they were written by hand.
 HELP_GROUPS = {
     "data": ["--data", "--seq-len", "--final-seq-len", "--final-steps", "--val-fraction",
-             "--split", "--no-shuffle"],
+             "--split", "--val-max-bytes", "--no-shuffle"],
     "model": ["--config", "--embedding-dim", "--num-layers", "--num-heads",
               "--pwff-hidden-dim", "--dropout", "--init-from"],
     "optimisation": ["--steps", "--batch-size", "--micro-batch-size", "--lr", "--min-lr-ratio",

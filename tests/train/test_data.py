@@ -105,6 +105,8 @@ def test_corpus_and_raw_files_give_the_contract_rows_of_the_split(corpus, tmp_pa
     from soma_models.corpus import prepare
     from soma_models.train.data import open_training_data
 
+    # A file named after a sub-folder's files but walked before them: both orders are by name.
+    (corpus / "z.txt").write_text("zebra " * 30)
     prepare([corpus], tmp_path / "c", shard_bytes=500, workers=1)
     expected = _reference_rows(read_documents([corpus]), split, 48)
     for paths in ([corpus], [tmp_path / "c"]):
@@ -166,3 +168,15 @@ def test_step_shares_are_disjoint_and_cover_the_step():
     np.testing.assert_array_equal(np.concatenate(blocks), step)
     with pytest.raises(ValueError, match="do not split"):
         step_share(step, 0, 5, 2)
+
+
+def test_raw_files_keep_the_fingerprint_older_checkpoints_recorded(corpus):
+    import hashlib
+
+    from soma_models.train.data import open_training_data
+
+    train, _ = split_documents(read_documents([corpus]), 0.2, "file")
+    digest = hashlib.blake2b(digest_size=16)  # the trainer's formula before corpora
+    for doc in train:
+        digest.update(doc.name.encode("utf-8") + b"\0" + len(doc.data).to_bytes(8, "little"))
+    assert open_training_data([corpus], 0.2, "file").fingerprint() == digest.hexdigest()

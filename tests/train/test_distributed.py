@@ -87,3 +87,36 @@ def test_resumed_two_process_run_matches_one(reference, parallel, tmp_path):
     resumed = _weights(second / "model.safetensors")
     for key in single:
         np.testing.assert_allclose(resumed[key], single[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+def test_two_processes_on_a_prepared_corpus_resume_to_one_process_weights(reference,
+                                                                           tmp_path):
+    """`--data CORPUS/` (memory-mapped shards) under DDP with 2 processes, interrupted after
+    step 2 and resumed: the same weights as one process on the raw files, so the two
+    processes read disjoint shares that together are the one process's rows, and the
+    resumed run continued from the exact data position."""
+    from soma_models.corpus import prepare
+
+    cfg, single = reference
+    corpus = tmp_path / "corpus"
+    prepare(cfg.data, corpus, shard_bytes=300, workers=1)  # several shards
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, extra in ((first, ["--checkpoint-every", "2", "--keep-checkpoints", "3"]),
+                       (second, ["--resume"])):
+        if out is second:
+            shutil.copytree(first / "checkpoints" / "step_00000002",
+                            second / "checkpoints" / "step_00000002")
+        args = _cli_args(cfg)
+        args[args.index("--out") + 1] = str(out)
+        args[args.index("--data") + 1] = str(corpus)
+        command = [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m",
+                   "soma_models.train", *args, *extra, "--parallel", "ddp"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for out in (first, second):
+        weights = _weights(out / "model.safetensors")
+        for key in single:
+            np.testing.assert_allclose(weights[key], single[key], rtol=0, atol=1e-5,
+                                       err_msg=f"{out.name}: {key}")

@@ -82,7 +82,7 @@ def test_which_settings_a_resume_may_change():
         "micro_batch_size", "eval_every", "eval_batch_size", "score_every", "score_seed",
         "score_seq_len", "score_batch_size", "checkpoint_every", "keep_checkpoints",
         "max_minutes", "progress", "plot", "device", "threads", "parallel",
-        "activation_checkpointing", "compile"}
+        "activation_checkpointing", "compile", "val_max_bytes"}
 
 
 NO_TORCH = textwrap.dedent("""

@@ -56,6 +56,7 @@ class InMemoryDocuments:
 
     def __init__(self, documents: Sequence[Document], name: str = "documents"):
         self.documents = [d for d in documents if len(d.data)]
+        self.names = [d.name for d in self.documents]
         self.name = name
         self._sizes = np.array([len(d.data) for d in self.documents], np.int64)
         self._keys = np.array([name_key(d.name) for d in self.documents], np.uint64)

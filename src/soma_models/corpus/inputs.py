@@ -99,43 +99,54 @@ def find_sources(paths: list[str | os.PathLike], *, classify: bool = True) -> li
     trainer's `--data folder/` of raw files means)."""
     if not paths:
         raise CorpusError("no sources given")
-    kind_of = _kind_of_file if classify else (lambda path: "raw")
     found: list[Source] = []
     for argument, raw in enumerate(paths):
-        root = Path(raw)
-        if not root.exists():
-            raise CorpusError(f"{root}: no such file or folder")
-        # Names are relative to the given root (prefixed by its own name when there are
-        # several roots), never absolute: split keys must not depend on where data sits.
-        prefix = "" if len(paths) == 1 else f"{root.resolve().name}/"
-        if root.is_file():
-            found.append(Source(root, kind_of(root), root.name,
-                                root.stat().st_size, argument))
-            continue
-        if classify and _datasets_folder(root):
-            size = sum(p.stat().st_size for p in root.glob("*.arrow"))
-            found.append(Source(root, "datasets", prefix + root.name, size, argument))
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath)
-            keep = []
-            for d in sorted(dirnames):
-                if d.startswith(".") or d == "__pycache__":
-                    continue
-                if classify and _datasets_folder(here / d):
-                    name = (here / d).relative_to(root).as_posix()
-                    size = sum(p.stat().st_size for p in (here / d).glob("*.arrow"))
-                    found.append(Source(here / d, "datasets", prefix + name, size, argument))
-                else:
-                    keep.append(d)
-            dirnames[:] = keep
-            for filename in sorted(filenames):
-                path = here / filename
-                if filename.startswith(".") or not path.is_file():
-                    continue
-                name = path.relative_to(root).as_posix()
-                found.append(Source(path, kind_of(path), prefix + name,
-                                    path.stat().st_size, argument))
+        found.extend(sorted(_sources_of(raw, argument, len(paths), classify),
+                            key=lambda s: s.name))
+    return found
+
+
+def _sources_of(raw: str | os.PathLike, argument: int, arguments: int,
+                classify: bool) -> list[Source]:
+    """The inputs under one argument (in walk order; the caller sorts them by name, so
+    that a folder's documents come in the order of their names, as the trainer orders
+    raw files)."""
+    kind_of = _kind_of_file if classify else (lambda path: "raw")
+    found: list[Source] = []
+    root = Path(raw)
+    if not root.exists():
+        raise CorpusError(f"{root}: no such file or folder")
+    # Names are relative to the given root (prefixed by its own name when there are
+    # several roots), never absolute: split keys must not depend on where data sits.
+    prefix = "" if arguments == 1 else f"{root.resolve().name}/"
+    if root.is_file():
+        found.append(Source(root, kind_of(root), root.name,
+                            root.stat().st_size, argument))
+        return found
+    if classify and _datasets_folder(root):
+        size = sum(p.stat().st_size for p in root.glob("*.arrow"))
+        found.append(Source(root, "datasets", prefix + root.name, size, argument))
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d == "__pycache__":
+                continue
+            if classify and _datasets_folder(here / d):
+                name = (here / d).relative_to(root).as_posix()
+                size = sum(p.stat().st_size for p in (here / d).glob("*.arrow"))
+                found.append(Source(here / d, "datasets", prefix + name, size, argument))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for filename in sorted(filenames):
+            path = here / filename
+            if filename.startswith(".") or not path.is_file():
+                continue
+            name = path.relative_to(root).as_posix()
+            found.append(Source(path, kind_of(path), prefix + name,
+                                path.stat().st_size, argument))
     return found
 
 

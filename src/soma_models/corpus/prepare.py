@@ -10,7 +10,7 @@ processes. Document order is the inputs' order, whatever the pool's.
 
 Whole or nothing: everything is written into a hidden temporary folder next to the output
 (`soma_models.atomic.staging`), the manifest last, and the folder is renamed onto the
-output only when every shard is written, hashed and synced. An error, Ctrl-C or SIGTERM
+output only when every shard is written, hashed (SHA-256) and synced. An error, Ctrl-C or SIGTERM
 removes the temporary folder; a killed (SIGKILL) prepare leaves one that the next writer
 into the same folder removes. So a rerun with the same arguments starts over cleanly, and
 no folder that looks like a corpus is ever incomplete. An existing output is replaced
@@ -83,16 +83,20 @@ def plan_units(sources: list[Source], column: str, shard_bytes: int) -> list[Uni
     """Cut the inputs into units of about `shard_bytes` (see the module docstring)."""
     units: list[Unit] = []
     raw: list[Source] = []
+    raw_bytes = 0
 
     def flush_raw() -> None:
+        nonlocal raw_bytes
         if raw:
-            units.append(Unit("raw", tuple(raw), sum(s.size for s in raw)))
+            units.append(Unit("raw", tuple(raw), raw_bytes))
             raw.clear()
+            raw_bytes = 0
 
     for source in sources:
         if source.kind == "raw":
             raw.append(source)
-            if sum(s.size for s in raw) >= shard_bytes:
+            raw_bytes += source.size
+            if raw_bytes >= shard_bytes:
                 flush_raw()
             continue
         flush_raw()
@@ -127,7 +131,7 @@ class ShardWriter:
         self.folder, self.index = folder, index
         self.bin_path = shard_path(folder, index, "bin")
         self._fh = open(self.bin_path, "xb")  # noqa: SIM115 - closed in finish()
-        self._hash = hashlib.blake2b(digest_size=32)
+        self._hash = hashlib.sha256()
         self._pending = 0
         self._lengths: list[np.ndarray] = []
         self._keys: list[np.ndarray] = []
@@ -166,8 +170,8 @@ class ShardWriter:
         digests = {"bin": self._hash.hexdigest()}
         for kind, array in (("idx", offsets), ("key", keys)):
             atomic_write(shard_path(self.folder, self.index, kind), [array])
-            digests[kind] = hashlib.blake2b(array.tobytes(), digest_size=32).hexdigest()
-        return {"documents": len(lengths), "bytes": int(offsets[-1]), "blake2b": digests,
+            digests[kind] = hashlib.sha256(array.tobytes()).hexdigest()
+        return {"documents": len(lengths), "bytes": int(offsets[-1]), "sha256": digests,
                 "empty_skipped": self.empty_skipped}
 
 
@@ -252,7 +256,7 @@ def prepare(paths: list[str | os.PathLike], out: str | os.PathLike, *, text_fiel
                 "split": SPLIT_RULE,
                 "options": {"text_field": text_field, "column": column},
                 "sources": summaries,
-                "shards": [{k: info[k] for k in ("documents", "bytes", "blake2b")}
+                "shards": [{k: info[k] for k in ("documents", "bytes", "sha256")}
                            for _, info in kept],
             }
             atomic_write(tmp / MANIFEST, [json.dumps(manifest, indent=1).encode()])

@@ -141,7 +141,8 @@ class DataSettings:
 
     data: list[str] = setting(
         default_factory=list, resume=True, parser="existing_path", nargs="+", metavar="PATH",
-        help="files or folders of raw bytes (folders are read recursively)")
+        help="a corpus folder made by `soma-models prepare`, or files or folders of raw "
+             "bytes (read recursively); both are memory-mapped")
     # A row needs an input and a next-byte target: at least 2.
     seq_len: int = setting(512, rule=at_least(2),
                            help="training sequence length (default {default})")
@@ -156,6 +157,12 @@ class DataSettings:
                                   help="held-out share (default {default})")
     split: str = setting("bytes", choices=SPLITS,
                          help="hold out whole files or each file's tail (default {default})")
+    # Evaluating a 10 % share of a 100 GB corpus at every --eval-every would take hours and
+    # hold gigabytes: evaluation and the score read only the first this many held-out bytes.
+    val_max_bytes: int | None = setting(
+        1 << 24, rule=at_least(1), resume=True, metavar="N",
+        help="held-out bytes evaluated and scored: the first this many of the held-out set "
+             "(default {default})")
     shuffle: bool = setting(True, flag="--no-shuffle", const=False)
 
 

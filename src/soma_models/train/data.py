@@ -30,6 +30,7 @@ processes see the rows one process would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -340,8 +341,23 @@ class TrainingData:
     def table(self, max_seq_len: int) -> ChunkTable:
         return ChunkTable(self.split, max_seq_len)
 
+    def fingerprint(self) -> str:
+        """Names the training data (resume checks). Raw files: blake2b of each training
+        document's name and training size (the trainer's fingerprint before corpora, so
+        older checkpoints still resume); a corpus: its shard hashes."""
+        names = getattr(self.documents, "names", None)
+        if names is None:
+            return self.documents.fingerprint()
+        digest = hashlib.blake2b(digest_size=16)
+        for start, stop in _blocks(len(self.documents)):
+            lengths = self.split.train_lengths(start, stop).tolist()
+            for name, length in zip(names[start:stop], lengths, strict=True):
+                if length:
+                    digest.update(name.encode("utf-8") + b"\0" + length.to_bytes(8, "little"))
+        return digest.hexdigest()
+
     def describe(self) -> dict[str, int | str]:
-        return {**self.split.describe(), "fingerprint": self.documents.fingerprint()}
+        return {**self.split.describe(), "fingerprint": self.fingerprint()}
 
 
 def open_training_data(paths: Sequence[str | os.PathLike], val_fraction: float,

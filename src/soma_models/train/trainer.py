@@ -47,7 +47,6 @@ leaving the loop untouched.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 import time
@@ -63,9 +62,8 @@ from soma_models.train.data import (
     ChunkStream,
     ChunkTable,
     DataError,
-    join_documents,
-    read_documents,
-    split_documents,
+    open_training_data,
+    step_share,
 )
 from soma_models.train.errors import NonFiniteError, TrainConfigError, TrainError
 from soma_models.train.metrics import MetricsLog, describe_evaluation, evaluate, write_summary
@@ -108,13 +106,6 @@ class Snapshot:
 
     model: Any
     checked: bool = False
-
-
-def _corpus_fingerprint(documents) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for doc in documents:
-        h.update(doc.name.encode("utf-8") + b"\0" + len(doc.data).to_bytes(8, "little"))
-    return h.hexdigest()
 
 
 def torch_engine(cfg: TrainConfig, ctx: Any = None) -> Engine:
@@ -191,27 +182,27 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
+        # Memory-mapped documents (a prepared corpus or raw files): nothing is read here
+        # but the index, and resident memory does not grow with the corpus.
         try:
-            documents = read_documents(cfg.data)
-            train_docs, val_docs = split_documents(documents, cfg.val_fraction, cfg.split)
+            data = open_training_data(cfg.data, cfg.val_fraction, cfg.split)
+            self.train_table = data.table(cfg.seq_len)
+            self.val_data = data.split.heldout(cfg.val_max_bytes)
         except DataError as exc:
             raise TrainError(str(exc)) from None
-        self.train_table = ChunkTable(train_docs, cfg.seq_len)
-        self.val_data = join_documents(val_docs)
         self.stream = ChunkStream(len(self.train_table), cfg.seed, cfg.shuffle)
         self.phases = [Phase(cfg.seq_len, cfg.batch_size, self.micro_batch_size,
                              self.accumulation, self.train_table, self.stream)]
         if cfg.final_seq_len is not None and cfg.final_steps > 0:
             rows = cfg.batch_size * cfg.seq_len // cfg.final_seq_len
-            table = ChunkTable(train_docs, cfg.final_seq_len)
+            table = data.table(cfg.final_seq_len)
             self.phases.append(Phase(cfg.final_seq_len, rows, 1, rows // self.engine.world_size,
                                      table, ChunkStream(len(table), cfg.seed + 1, cfg.shuffle)))
-        self.corpus = {
-            "files": len(documents), "train_files": len(train_docs), "val_files": len(val_docs),
-            "train_bytes": self.train_table.num_bytes, "val_bytes": len(self.val_data),
-            "train_chunks": len(self.train_table),
-            "fingerprint": _corpus_fingerprint(train_docs),
-        }
+        # The fingerprint names the documents (a corpus's shard hashes, or raw files' names
+        # and sizes); the split settings are compared with the other settings on resume.
+        self.corpus = {**data.describe(), "source": data.documents.name,
+                       "val_bytes_evaluated": len(self.val_data),
+                       "train_chunks": len(self.train_table)}
 
     @property
     def module(self) -> Any:
@@ -225,11 +216,12 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Where the run stands besides the weights and optimizer: `step`, `tokens`, each
-        phase's `data_position`, and the RNG states (`rng`, JSON-able, and `rng_tensors`,
+        phase's `data_position` (its stream's `state_dict`: position, size, seed: exact
+        resumption), and the RNG states (`rng`, JSON-able, and `rng_tensors`,
         byte arrays). Rank 0's is what a checkpoint records."""
         rng_tensors, rng = self.engine.rng_state()
         return {"step": self.step, "tokens": self.tokens,
-                "data_position": [phase.stream.position for phase in self.phases],
+                "data_position": [phase.stream.state_dict() for phase in self.phases],
                 "rng": rng, "rng_tensors": rng_tensors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,7 +229,13 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         for phase, position in zip(self.phases, state["data_position"], strict=True):
-            phase.stream.position = int(position)
+            try:
+                if isinstance(position, dict):  # the stream's state: position, size, seed
+                    phase.stream.load_state_dict(position)
+                else:  # checkpoints written before streams had a state: the position alone
+                    phase.stream.position = int(position)
+            except DataError as exc:
+                raise TrainError(f"data position: {exc}") from None
         self.engine.set_rng_state(state["rng_tensors"], state["rng"])
         self._snapshot = None
 
@@ -289,13 +287,12 @@ class Trainer:
         lr = learning_rate(self.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
                            total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
         phase = self.phase(self.step)
+        # Every rank draws the step's global indices (cheap) and builds only the rows of
+        # its own share (`data.step_share`).
         indices = phase.stream.take(phase.batch_size)
-        size = phase.micro_batch_size
-        micro_batches = []
-        for a in range(phase.accumulation):
-            micro = a * engine.world_size + engine.rank
-            micro_batches.append((micro, phase.table.rows(indices[micro * size:
-                                                                  (micro + 1) * size])))
+        shares = step_share(indices, engine.rank, engine.world_size, phase.micro_batch_size)
+        micro_batches = [(a * engine.world_size + engine.rank, phase.table.rows(rows))
+                         for a, rows in enumerate(shares)]
         loss_total, ce_total = engine.backward(micro_batches, self.step)
         token_total = sum(batch.num_data_tokens for _, batch in micro_batches)
         loss_mean, ce_sum_all, tokens_all = engine.all_reduce_mean(
