@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,9 @@ def _write_units(units: list[Unit], folder: Path, text_field: str, column: str, 
             if bar is not None:
                 bar.update(unit.size)
         return infos
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: the caller may run threads (JAX, torch) that a fork would copy
+    # mid-lock.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(write_unit, index, unit, folder, text_field, column)
                    for index, unit in enumerate(units)]
         try:
