@@ -23,7 +23,8 @@ from soma_models.safetensors_io import save_file
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.schema import file_metadata
 from soma_models.v1.scoring import compete, cosine_distance
-from soma_models.v1.screening import Screener, finished_samples, load_targets, screen
+from soma_models.v1.screen_output import finished_samples
+from soma_models.v1.screening import Screener, load_targets, screen
 from soma_models.v1.transit import encrypt_weights
 
 LOSS_RTOL = 1e-6
@@ -230,7 +231,7 @@ def test_cli_screen_to_stdout_without_embeddings(cli_files, capsys):
     captured = capsys.readouterr()
     (record,) = [json.loads(line) for line in captured.out.splitlines()]
     assert "embedding" not in record and "hit" not in record
-    assert set(record) == {"sample", "bytes", "losses", "winner", "loss", "distances",
+    assert set(record) == {"sample", "bytes", "exact", "losses", "winner", "loss", "distances",
                            "nearest", "distance", "run"}
     assert "no --threshold" in captured.err
 

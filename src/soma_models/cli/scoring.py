@@ -18,7 +18,7 @@ from soma_models.cli.shared import (
     revision_line,
     revision_of,
 )
-from soma_models.cli_common import input_file, output_file, positive_int, seed
+from soma_models.cli_common import input_file, output_file, positive_float, positive_int, seed
 from soma_models.v1.inputs import finite_or_none, keys_for, parse_target, read_data
 
 # --------------------------------------------------------------------------- score
@@ -148,17 +148,35 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 def cmd_screen(args: argparse.Namespace) -> int:
     from soma_models.v1.contract import ScoringContract
-    from soma_models.v1.screening import Screener, find_samples, load_targets, screen_to_jsonl
+    from soma_models.v1.screen_output import Share, join_ranks, screen_to_jsonl
+    from soma_models.v1.screening import Screener, check_prescreen, find_samples, load_targets
 
+    # Before any file is read or model loaded: a prescreen that cannot run is one line.
+    check_prescreen(args.prescreen, args.threshold, args.framework)
+    share = Share.from_env()
+    if share.world_size > 1 and args.out is None:
+        raise ValueError(f"screening on {share.world_size} ranks (WORLD_SIZE) needs --out: "
+                         "each rank writes its part beside it")
     keys = keys_for(args.models, args.key)
     samples = find_samples(args.data, exclude=[args.out] if args.out else [])
-    screener = Screener(args.models, load_targets(args.targets), args.seed, keys=keys,
-                        contract=ScoringContract.of(args.protocol), framework=args.framework,
-                        device=args.device, micro_batch_size=args.micro_batch_size,
-                        threshold=args.threshold)
-    summary = screen_to_jsonl(screener, samples, args.out, embeddings=args.embeddings,
-                              progress=not args.quiet and sys.stderr.isatty())
-    print(summary, file=sys.stderr)
+    coordinator = join_ranks(share)
+    try:
+        screener = Screener(
+            args.models, load_targets(args.targets), args.seed, keys=keys,
+            contract=ScoringContract.of(args.protocol), framework=args.framework,
+            device=share.device(args.device), micro_batch_size=args.micro_batch_size,
+            threshold=args.threshold, prescreen=args.prescreen,
+            calibration_samples=args.calibration_samples, margin_loss=args.margin_loss,
+            margin_distance=args.margin_distance)
+        summary = screen_to_jsonl(screener, samples, args.out, embeddings=args.embeddings,
+                                  progress=not args.quiet and sys.stderr.isatty(),
+                                  share=share, coordinator=coordinator)
+    finally:
+        close = getattr(coordinator, "close", None)
+        if close is not None:
+            close()
+    if share.rank == 0:
+        print(summary, file=sys.stderr)
     return 0
 
 
@@ -171,7 +189,10 @@ def _add_screen(sub: argparse._SubParsersAction) -> None:
                                    "every target. Rerunning with the same --out skips the "
                                    "samples it already holds; an --out written by another "
                                    "screening (other models, targets, seed or revision) is "
-                                   "refused.")
+                                   "refused. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) "
+                                   "every rank screens its share on its own device (--device "
+                                   "cuda: cuda:LOCAL_RANK) into OUT.rankR, and rank 0 merges "
+                                   "them into --out in input order.")
     p.add_argument("--models", nargs="+", required=True, metavar="WEIGHTS", type=input_file,
                    help="the target's safetensors weights files")
     p.add_argument("--key", action="append", metavar="KEY",
@@ -185,6 +206,19 @@ def _add_screen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="u64 scoring seed (the chain uses 0)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a sample is a hit when its nearest target distance is below this")
+    p.add_argument("--prescreen", choices=("bf16",), default=None,
+                   help="first score every sample in bf16 autocast and re-score exactly "
+                        "(float32) only those it cannot prove misses; proven misses get a "
+                        "line with \"exact\": false. Needs --threshold and --framework "
+                        "torch. The margins are measured on the first samples, not proven "
+                        "(see the README)")
+    p.add_argument("--calibration-samples", type=positive_int, default=32, metavar="N",
+                   help="with --prescreen: the first N samples are scored both ways to set "
+                        "the margins (4x the largest deviation seen; default 32)")
+    p.add_argument("--margin-loss", type=positive_float, default=None, metavar="DL",
+                   help="with --prescreen: the loss margin instead of the calibrated one")
+    p.add_argument("--margin-distance", type=positive_float, default=None, metavar="DD",
+                   help="with --prescreen: the distance margin instead of the calibrated one")
     p.add_argument("--out", default=None, type=output_file,
                    help="JSONL output file (default stdout); an existing one is resumed")
     add_protocol(p, "to screen under (contract, SIGReg slices, key format)")

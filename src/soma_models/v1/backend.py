@@ -56,6 +56,9 @@ class ScoringBackend(Protocol):
 
     config: ModelConfig
     on_cpu: bool          # sizes "auto" micro-batches (scoring.auto_micro_batch_size)
+    # What `row_terms` computes in: "float32" (the chain's numbers) always; "bf16" (an
+    # approximation, for screening's prescreen) where the framework provides it.
+    precisions: tuple[str, ...]
 
     def piece_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
                     noises: Sequence[np.ndarray]) -> PieceTerms:
@@ -63,6 +66,8 @@ class ScoringBackend(Protocol):
         ...
 
     def row_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
-                  noises: Sequence[np.ndarray], noise_index: np.ndarray) -> RowTerms:
-        """Per-row terms for rows `[R, S]`; row r's SIGReg uses `noises[noise_index[r]]`."""
+                  noises: Sequence[np.ndarray], noise_index: np.ndarray, *,
+                  precision: str = "float32") -> RowTerms:
+        """Per-row terms for rows `[R, S]`; row r's SIGReg uses `noises[noise_index[r]]`.
+        precision: one of `precisions`; anything else is a ValueError."""
         ...

@@ -17,22 +17,22 @@ benchmarks/README.md):
   by the same `BatchResult` / `RunningMeans` as `score`.
 
 Framework-free: the models are `ScoringBackend`s from `soma_models.v1.scoring.load_backend`
-(torch or Flax). The `soma-models screen` command is a thin layer over `screen_to_jsonl`.
+(torch or Flax). The output file, its resuming and its shares per process are
+`soma_models.v1.screen_output`; the `soma-models screen` command is a thin layer over its
+`screen_to_jsonl`. The bf16 prescreen's margins and decision are `soma_models.v1.prescreen`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
-import sys
-import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +41,15 @@ from soma_models.v1.configs import V1_MAX_SUBMISSION_BYTES, ModelConfig, SIGRegC
 from soma_models.v1.contract import ScoringContract
 from soma_models.v1.inputs import finite_or_none, load_targets, map_file
 from soma_models.v1.noise import check_seed
+from soma_models.v1.prescreen import (
+    CALIBRATION_SAMPLES,
+    PRESCREENS,
+    Approximate,
+    Margins,
+    calibrate,
+    can_drop,
+    check_margin,
+)
 from soma_models.v1.revisions import Revision
 from soma_models.v1.scoring import (
     BatchResult,
@@ -55,6 +64,9 @@ from soma_models.v1.scoring import (
     resolve_micro_batch_size,
 )
 from soma_models.v1.tokenizer import iter_batches, num_batches
+
+# The prescreen's approximate pass runs over this many passes of rows at a time.
+PRESCREEN_CHUNK_PASSES = 8
 
 # --------------------------------------------------------------------------- inputs
 
@@ -134,11 +146,12 @@ class SampleResult:
     nearest: int | None
     distance: float | None
     hit: bool | None
+    exact = True
 
     def to_json(self, embeddings: bool = False) -> dict[str, Any]:
         """The JSON line's fields (NaN written as null); the embedding only when asked."""
         out: dict[str, Any] = {
-            "sample": self.sample, "bytes": self.bytes,
+            "sample": self.sample, "bytes": self.bytes, "exact": True,
             "losses": [finite_or_none(x) for x in self.losses],
             "winner": self.winner, "loss": finite_or_none(self.loss)}
         if embeddings:
@@ -149,6 +162,26 @@ class SampleResult:
         if self.hit is not None:
             out["hit"] = self.hit
         return out
+
+
+@dataclass(frozen=True)
+class DroppedSample:
+    """A sample the prescreen proved a miss (`soma_models.v1.prescreen.can_drop`): not
+    scored exactly. nearest, distance: the approximate winner's nearest target and its
+    approximate distance (None when none is finite)."""
+
+    sample: str
+    bytes: int
+    nearest: int | None
+    distance: float | None
+    exact = False
+    hit = False
+
+    def to_json(self, embeddings: bool = False) -> dict[str, Any]:
+        """The JSON line's fields: `"exact": false` and the approximate distance."""
+        return {"sample": self.sample, "bytes": self.bytes, "exact": False,
+                "nearest": self.nearest, "distance": finite_or_none(self.distance),
+                "hit": False}
 
 
 def _nearest(distances: Sequence[float]) -> int | None:
@@ -193,6 +226,11 @@ class Screener:
     max_sample_bytes: samples over this many bytes are refused (default: the network's
         limit on submitted data, 1 MiB); None screens any length.
     device, framework: as for `compete`; scoring always runs in float32 with TF32 off.
+    prescreen: "bf16" runs an approximate first pass and re-scores exactly only the samples
+        it cannot prove misses (`soma_models.v1.prescreen`; needs `threshold`; torch
+        only). calibration_samples: how many first samples set the margins (scored both
+        ways); margin_loss, margin_distance: margins given by hand instead. The margins in
+        use are `margins` once the first samples are screened.
     """
 
     def __init__(self, weights_list: Sequence[object], targets: object, seed: int = 0, *,
@@ -203,8 +241,21 @@ class Screener:
                  device: object = None, micro_batch_size: int | str | None = None,
                  threshold: float | None = None,
                  max_sample_bytes: int | None = V1_MAX_SUBMISSION_BYTES,
-                 contract: ScoringContract | None = None):
+                 contract: ScoringContract | None = None, prescreen: str | None = None,
+                 calibration_samples: int = CALIBRATION_SAMPLES,
+                 margin_loss: float | None = None, margin_distance: float | None = None):
         weights_list, keys = pair_keys(weights_list, keys, "screening", "models")
+        check_prescreen(prescreen, threshold, framework)
+        if calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be at least 1, got "
+                             f"{calibration_samples}")
+        self.prescreen = prescreen
+        self.calibration_samples = calibration_samples
+        self.margin_loss = check_margin("margin_loss", margin_loss)
+        self.margin_distance = check_margin("margin_distance", margin_distance)
+        self.margins: Margins | None = None
+        if margin_loss is not None and margin_distance is not None:
+            self.margins = Margins(margin_loss, margin_distance)
         self.contract = ScoringContract.resolve(
             contract, protocol, max_seq_len=max_seq_len, batch_size=batch_size,
             sig_reg_config=sig_reg_config)
@@ -270,12 +321,65 @@ class Screener:
 
     # ------------------------------------------------------------------ the passes
 
-    def screen(self, samples: Iterable[tuple[str, object]]) -> Iterator[SampleResult]:
-        """Results for `(name, bytes-like data)` samples, in the order given.
+    def screen(self, samples: Iterable[tuple[str, object]]
+               ) -> Iterator[SampleResult | DroppedSample]:
+        """Results for `(name, bytes-like data)` samples, in the order given: exact
+        `SampleResult`s, and with `prescreen` `DroppedSample`s for proven misses.
 
         Samples are read lazily; at most one pass of rows (and the samples those rows
-        belong to) is held at a time.
+        belong to) is held at a time, with `prescreen` one chunk of passes.
         """
+        if self.prescreen is None:
+            for sample in self._scored(samples):
+                yield self._result(sample)
+        else:
+            yield from self._prescreened(iter(samples))
+
+    def _prescreened(self, samples: Iterator[tuple[str, object]]
+                     ) -> Iterator[SampleResult | DroppedSample]:
+        if self.margins is None:
+            head = list(itertools.islice(samples, self.calibration_samples))
+            exact = list(self._scored(head))
+            approximate = [self._approximate(s) for s in self._scored(head, self.prescreen)]
+            self.margins = calibrate(approximate, [self._approximate(s) for s in exact],
+                                     margin_loss=self.margin_loss,
+                                     margin_distance=self.margin_distance)
+            for sample in exact:
+                yield self._result(sample)
+        while chunk := self._chunk(samples):
+            approximate = [self._approximate(s) for s in self._scored(chunk, self.prescreen)]
+            drop = [can_drop(a, self.threshold, self.margins)  # type: ignore[arg-type]
+                    for a in approximate]
+            exact = self._scored([s for s, d in zip(chunk, drop) if not d])
+            for (name, data), approx, dropped in zip(chunk, approximate, drop):
+                if dropped:
+                    yield DroppedSample(name, memoryview(data).nbytes,  # type: ignore[arg-type]
+                                        *approx.nearest())
+                else:
+                    yield self._result(next(exact))
+
+    def _chunk(self, samples: Iterator[tuple[str, object]]) -> list[tuple[str, object]]:
+        """The next samples, up to PRESCREEN_CHUNK_PASSES passes of rows: the approximate
+        pass runs over them, then the exact pass over those it keeps (a partly filled last
+        pass per chunk is the cost of keeping the output in input order)."""
+        chunk, rows = [], 0
+        for name, data in samples:
+            chunk.append((name, data))
+            rows += -(-memoryview(data).nbytes // self.max_seq_len)  # type: ignore[arg-type]
+            if rows >= PRESCREEN_CHUNK_PASSES * self.rows_per_pass:
+                break
+        return chunk
+
+    def _approximate(self, sample: _Open) -> Approximate:
+        """Every model's loss and distances to every target (the prescreen's view)."""
+        return Approximate(
+            np.array([float(m.loss) for m in sample.means]),
+            np.array([[cosine_distance(m.embedding, t) for t in self.targets]
+                      for m in sample.means]))
+
+    def _scored(self, samples: Iterable[tuple[str, object]], precision: str = "float32"
+                ) -> Iterator[_Open]:
+        """Every sample with its per-model running means complete, in the order given."""
         rows = self._rows(samples)
         waiting: list[_Open] = []
         while True:
@@ -288,9 +392,9 @@ class Screener:
                     break
             if not pass_rows:
                 break
-            self._run_pass(pass_rows)
+            self._run_pass(pass_rows, precision)
             while waiting and waiting[0].done:
-                yield self._result(waiting.pop(0))
+                yield waiting.pop(0)
         assert not waiting
 
     def _rows(self, samples: Iterable[tuple[str, object]]
@@ -310,8 +414,8 @@ class Screener:
                 for r in range(shape[0]):
                     yield sample, k, batch.token_ids[r], batch.targets[r], batch.pos_ids[r]
 
-    def _run_pass(self, rows: list[tuple[_Open, int, np.ndarray, np.ndarray, np.ndarray]]
-                  ) -> None:
+    def _run_pass(self, rows: list[tuple[_Open, int, np.ndarray, np.ndarray, np.ndarray]],
+                  precision: str = "float32") -> None:
         token_ids = np.stack([r[2] for r in rows])
         targets = np.stack([r[3] for r in rows])
         pos_ids = np.stack([r[4] for r in rows])
@@ -320,7 +424,10 @@ class Screener:
         noises = [self.noise.get(int(k), self.embedding_dim, self.sig_reg_config.slices)
                   for k in slots]
         for m, backend in enumerate(self.backends):
-            terms = backend.row_terms(token_ids, targets, pos_ids, noises, noise_index)
+            terms = (backend.row_terms(token_ids, targets, pos_ids, noises, noise_index)
+                     if precision == "float32" else
+                     backend.row_terms(token_ids, targets, pos_ids, noises, noise_index,
+                                       precision=precision))
             for i, (sample, k, *_) in enumerate(rows):
                 open_batch = sample.batches[k]
                 open_batch[0][m] += terms.ce_sums[i]
@@ -356,6 +463,21 @@ class Screener:
                             embedding, distances, nearest, distance, hit)
 
 
+def check_prescreen(prescreen: str | None, threshold: float | None,
+                    framework: str = "torch") -> None:
+    """Refuse a prescreen that cannot run, in one line, before any model is loaded."""
+    if prescreen is None:
+        return
+    if prescreen not in PRESCREENS:
+        raise ValueError(f"prescreen must be one of {', '.join(PRESCREENS)}, got {prescreen!r}")
+    if threshold is None:
+        raise ValueError(f"prescreen {prescreen!r} needs a threshold: it only proves samples "
+                         "to be misses, and a miss is a distance at or over the threshold")
+    if framework != "torch":
+        raise ValueError(f"prescreen {prescreen!r} runs with the torch framework; the "
+                         f"{framework} backend scores in float32 only")
+
+
 def _file_identity(weights: object) -> list[object] | None:
     """[real path, size, mtime in ns] of a weights file; None for weights given in memory."""
     if not isinstance(weights, (str, os.PathLike)):
@@ -370,114 +492,5 @@ def screen(weights_list: Sequence[object], samples: Iterable[tuple[str, object]]
     return list(Screener(weights_list, targets, seed, **kwargs).screen(samples))
 
 
-# --------------------------------------------------------------------------- JSONL output
-
-def finished_samples(out: str | os.PathLike, run: str | None = None) -> set[str]:
-    """Samples already written to `out` (for resuming). A trailing partial line, left by
-    an interrupted write, is cut off so that appending starts on a fresh line. With `run`
-    (`Screener.run_id`), a line written by another screening is refused, before anything
-    is cut."""
-    path = Path(out)
-    if not path.exists():
-        return set()
-    if not path.is_file():
-        raise ValueError(f"{path}: --out is not a regular file")
-    done: set[str] = set()
-    with open(path, "rb+") as fh:
-        content = fh.read()
-        end = content.rfind(b"\n") + 1
-        for number, line in enumerate(content[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                done.add(record["sample"])
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
-                raise ValueError(f"{path}:{number}: not a screening result line; refusing "
-                                 "to append to it (use another --out)") from None
-            if run is not None and record.get("run") != run:
-                raise ValueError(f"{path}:{number}: written by another screening (other "
-                                 "models, targets, seed or revision); refusing to mix "
-                                 "results (use another --out)")
-        if end < len(content):
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return done
-
-
-class LineWriter:
-    """Appends whole lines durably: each line goes out in one write and is fsynced, so an
-    interruption loses at most the line being written, and `finished_samples` cuts that."""
-
-    def __init__(self, out: str | os.PathLike | None):
-        self.path = None if out is None else Path(out)
-        self._fd = None if self.path is None else os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8")
-        if self._fd is None:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-            return
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass(frozen=True)
-class Summary:
-    screened: int
-    skipped: int
-    hits: int | None
-    seconds: float
-
-    def __str__(self) -> str:
-        rate = self.screened / self.seconds if self.seconds > 0 else float("inf")
-        hits = "no --threshold" if self.hits is None else f"{self.hits} hits"
-        skipped = f" ({self.skipped} already done)" if self.skipped else ""
-        return f"screened {self.screened} samples{skipped}, {hits}, {rate:.3g} samples/s"
-
-
-def screen_to_jsonl(screener: Screener, sample_paths: Sequence[str],
-                    out: str | os.PathLike | None = None, *, embeddings: bool = False,
-                    progress: bool = False, stream: IO[str] | None = None) -> Summary:
-    """Screen sample files, one JSON line each to `out` (or stdout) with the screening's
-    `run` id, skipping the samples `out` already holds (and refusing an `out` written by
-    another screening); returns the run's summary."""
-    run = screener.run_id()
-    done = finished_samples(out, run) if out is not None else set()
-    todo = [p for p in sample_paths if p not in done]
-    hits = 0
-    start = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    with LineWriter(out) as writer, tqdm(total=len(todo), disable=not progress,
-                                         file=stream or sys.stderr, unit="sample",
-                                         desc="screening", dynamic_ncols=True) as bar:
-        for result in screener.screen((p, read_sample(p)) for p in todo):
-            writer.write(json.dumps({**result.to_json(embeddings), "run": run},
-                                    allow_nan=False))
-            hits += bool(result.hit)
-            bar.update(1)
-    return Summary(len(todo), len(sample_paths) - len(todo),
-                   None if screener.threshold is None else hits,
-                   time.perf_counter() - start)
-
-
-__all__ = ["SampleResult", "Screener", "Summary", "check_sample_size", "find_samples",
-           "finished_samples", "load_targets", "screen", "screen_to_jsonl"]
+__all__ = ["DroppedSample", "SampleResult", "Screener", "check_prescreen", "check_sample_size",
+           "find_samples", "load_targets", "screen"]

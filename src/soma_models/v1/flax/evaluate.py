@@ -58,6 +58,8 @@ def _is_training(model: Model) -> bool:
 class FlaxBackend:
     """A `ScoringBackend` around a Flax NNX `Model`."""
 
+    precisions = ("float32",)
+
     def __init__(self, model: Model, sig_reg_config: SIGRegConfig):
         self.model = model
         self.config: ModelConfig = model.config
@@ -107,7 +109,11 @@ class FlaxBackend:
                           np.asarray(embedding_sum, dtype=np.float64))
 
     def row_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
-                  noises: Sequence[np.ndarray], noise_index: np.ndarray) -> RowTerms:
+                  noises: Sequence[np.ndarray], noise_index: np.ndarray, *,
+                  precision: str = "float32") -> RowTerms:
+        if precision not in self.precisions:
+            raise ValueError(f"the Flax backend scores in float32 only, not {precision!r} "
+                             "(a bf16 prescreen runs with --framework torch)")
         reps, ce_sums, embedding_means = self._run(_row_forward, token_ids, targets, pos_ids)
         noise_index = np.asarray(noise_index)
         sig_reg_sums = np.zeros(reps.shape[0])

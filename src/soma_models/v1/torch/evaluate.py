@@ -3,6 +3,11 @@
 Scoring runs the model in eval mode (no dropout), without autograd, in strict float32:
 TF32 matmuls and reduced-precision reductions are switched off for the duration, as the
 chain's float32 runtime requires (SPEC §9), and restored afterwards.
+
+`row_terms(..., precision="bf16")` is the approximate pass of screening's prescreen
+(`soma_models.v1.prescreen`): the encoder and predictor run under bfloat16 autocast, the
+loss, SIGReg and embedding terms are then taken in float32 from the bf16 outputs. Its
+results are not the chain's; screening re-scores in float32 whatever they cannot settle.
 """
 
 from __future__ import annotations
@@ -47,8 +52,20 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def autocast_bf16(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bfloat16 autocast on `device` (CUDA with bf16 support, or the CPU, where it runs
+    everywhere but is slower than float32 without native bf16 units)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{device}: no bfloat16 support, so no bf16 prescreen on it")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"bf16 prescreen runs on CUDA and CPU devices, not {device.type}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 class TorchBackend:
     """A `ScoringBackend` around a torch `Model`."""
+
+    precisions = ("float32", "bf16")
 
     def __init__(self, model: Model, sig_reg_config: SIGRegConfig):
         self.model = model
@@ -96,12 +113,22 @@ class TorchBackend:
         return PieceTerms(ce_sum, sig_reg_sums, embedding_sum)
 
     def row_terms(self, token_ids: np.ndarray, targets: np.ndarray, pos_ids: np.ndarray,
-                  noises: Sequence[np.ndarray], noise_index: np.ndarray) -> RowTerms:
+                  noises: Sequence[np.ndarray], noise_index: np.ndarray, *,
+                  precision: str = "float32") -> RowTerms:
+        if precision not in self.precisions:
+            raise ValueError(f"precision must be one of {', '.join(self.precisions)}, "
+                             f"got {precision!r}")
         tokens, target, positions = self._inputs(token_ids, targets, pos_ids)
         noise_index = np.asarray(noise_index)
+        approximate = (autocast_bf16(self.device) if precision == "bf16"
+                       else contextlib.nullcontext())
         with torch.no_grad(), strict_float32(), eval_mode(self.model):
-            reps = self.model.encode(tokens, positions)                  # [R, S, D]
-            ce_sums = cross_entropy_rows(self.model.predict(reps), target)
+            with approximate:
+                reps = self.model.encode(tokens, positions)              # [R, S, D]
+                logits = self.model.predict(reps)                        # [R, S, V]
+            # bf16 outputs widen here: the sums below are float32 either way.
+            reps = reps.float()
+            ce_sums = cross_entropy_rows(logits.float(), target)
             sig_reg_sums = torch.zeros(reps.shape[0], dtype=torch.float64)
             for j, noise in enumerate(noises):
                 rows = np.flatnonzero(noise_index == j)
