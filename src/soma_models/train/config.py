@@ -225,9 +225,9 @@ class OptimiserSettings:
         None, rule=at_least(1), parser="positive_int",
         help="compute SIGReg on this many random positions per micro-batch (an unbiased "
              "estimate; default: all)")
-    bf16: bool = setting(  # train_step.check_bf16_autocast
+    bf16: bool = setting(  # train_step.check_bf16_autocast; Flax: flax_engine.micro_gradients
         False, const=True,
-        help="bfloat16 autocast (CUDA; on CPU it runs but is usually slower)")
+        help="bfloat16 compute, float32 weights (CUDA; on CPU it runs but is usually slower)")
     seed: int = setting(0, rule=SEED, parser="seed",
                         help="seed for init, data order, dropout (default {default})")
     beta1: float = setting(0.9, rule=RATE, cli=False)
@@ -303,7 +303,6 @@ TORCH_ONLY = {
     "parallel": "the batch is split over a jax.sharding mesh of this host's devices instead",
     "threads": "XLA sizes its own CPU thread pool",
     "sig_reg_positions": "SIGReg runs on every position",
-    "bf16": "the Flax model computes in float32",
     "activation_checkpointing": "not implemented for Flax",
     "compile": "every Flax step is compiled by jax.jit already",
 }

@@ -64,22 +64,30 @@ def _devices(device: str | None) -> list[jax.Device]:
     return devices
 
 
-def _micro_grads(graphdef: nnx.GraphDef, sig_reg: SIGReg, params: nnx.State, rest: nnx.State,
-                 token_ids: jax.Array, targets: jax.Array, pos_ids: jax.Array,
-                 noise: jax.Array) -> tuple[nnx.State, nnx.State, jax.Array, jax.Array]:
-    """(gradients, advanced `rest`, loss, cross-entropy sum) of one micro-batch."""
-    model = nnx.merge(graphdef, params, rest, copy=True)
+def micro_gradients(graphdef: nnx.GraphDef, sig_reg: SIGReg, compute_dtype: Any,
+                    params: nnx.State, rest: nnx.State, token_ids: jax.Array,
+                    targets: jax.Array, pos_ids: jax.Array, noise: jax.Array
+                    ) -> tuple[nnx.State, nnx.State, jax.Array, jax.Array]:
+    """(float32 gradients, advanced `rest`, loss, cross-entropy sum) of one micro-batch.
 
-    def terms(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+    compute_dtype: None computes in float32; `jnp.bfloat16` casts the float32 master
+    weights to it for the forward pass (torch's bf16 autocast; the cross-entropy and
+    SIGReg's cos/sin stay float32), and the gradients come back in float32.
+    """
+
+    def terms(params: nnx.State) -> tuple[jax.Array, tuple[jax.Array, nnx.State]]:
+        if compute_dtype is not None:
+            params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
+        model = nnx.merge(graphdef, params, rest, copy=True)
         reps = model.encode(token_ids, pos_ids)
         out = loss_terms(reps, model.predict(reps), targets, sig_reg, noise)
-        return out.loss, out.ce_sum
+        return out.loss, (out.ce_sum, nnx.split(model, nnx.Param, ...)[2])
 
-    (loss, ce_sum), grads = nnx.value_and_grad(terms, has_aux=True)(model)
-    return grads, nnx.split(model, nnx.Param, ...)[2], loss, ce_sum
+    (loss, (ce_sum, rest)), grads = jax.value_and_grad(terms, has_aux=True)(params)
+    return grads, rest, loss, ce_sum
 
 
-def _apply(optimizer: optax.GradientTransformation, params: nnx.State, opt_state: Any,
+def apply_update(optimizer: optax.GradientTransformation, params: nnx.State, opt_state: Any,
            grads: nnx.State, scale: jax.Array, lr: jax.Array, clip: jax.Array
            ) -> tuple[nnx.State, Any, jax.Array]:
     """Scale the accumulated gradients (1 / micro-batches), clip them to a global norm of
@@ -162,10 +170,12 @@ class FlaxEngine:
             learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
             weight_decay=cfg.weight_decay, mask=decay_mask)
         self.opt_state = jax.device_put(self.optimizer.init(self.params), self.replicated)
-        self._grads = jax.jit(functools.partial(_micro_grads, self.graphdef, sig_reg))
+        self._grads = jax.jit(functools.partial(micro_gradients, self.graphdef, sig_reg,
+                                                jnp.bfloat16 if cfg.bf16 else None))
         self._add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
                             donate_argnums=0)
-        self._apply = jax.jit(functools.partial(_apply, self.optimizer), donate_argnums=(0, 1))
+        self._apply = jax.jit(functools.partial(apply_update, self.optimizer),
+                              donate_argnums=(0, 1))
         self.grads: nnx.State | None = None
         self.accumulated = 0
 
