@@ -220,3 +220,24 @@ def test_the_demo_banner_names_the_revision(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         revision_of(["--protocol", "x"])
     assert exc.value.code == 2
+
+
+def test_compile_is_refused_in_one_line_where_it_cannot_work(capsys, corpus, tmp_path,
+                                                             monkeypatch):
+    from soma_models.v1.torch import train_step as step_lib
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(step_lib.shutil, "which", lambda name: None)   # no C++ compiler
+    code, out, err = run_cli(capsys, "--data", corpus, "--out", tmp_path / "r", *SMALL,
+                             "--device", "cpu", "--compile")
+    assert code == 2, err
+    assert ("--compile: torch.compile on the CPU needs a C++ compiler ($CXX, g++ or clang++)"
+            in one_error_line(err))
+
+
+def test_speed_options_are_train_options(capsys, corpus, tmp_path):
+    code, out, err = run_cli(capsys, "--data", corpus, "--out", tmp_path / "r", *SMALL,
+                             "--activation-checkpointing")
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "run.json").read_text())["train_config"]
+    assert config["activation_checkpointing"] is True and config["compile"] is False

@@ -26,7 +26,8 @@ HELP_GROUPS = {
                             "--score-seed", "--score-seq-len", "--score-batch-size",
                             "--checkpoint-every", "--keep-checkpoints", "--resume",
                             "--overwrite", "--max-minutes", "--no-progress", "--no-plot"],
-    "hardware": ["--framework", "--device", "--threads", "--parallel"],
+    "hardware": ["--framework", "--device", "--threads", "--parallel",
+                 "--activation-checkpointing", "--compile"],
 }
 
 

@@ -293,3 +293,31 @@ def test_an_unknown_protocol_is_a_settings_error(corpus, tmp_path):
     with pytest.raises(TrainConfigError, match=r"^--protocol: unknown protocol revision '9'"):
         Trainer(small_config(corpus, tmp_path / "run", protocol="9"))
     assert not (tmp_path / "run").exists()
+
+
+def test_compile_keeps_the_losses_and_logs_its_time(corpus, tmp_path, monkeypatch):
+    # --compile: each block torch.compile'd (here with aot_eager, which captures the same
+    # graphs without generating code, so the test stays fast; the inductor backend is
+    # tested in tests/v1/torch/test_train_step.py). Same losses as eager within float32
+    # rounding, and the log says what compiling cost.
+    import functools
+
+    from soma_models.v1.torch import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "prepare_model",
+                        functools.partial(step_lib.prepare_model, compile_backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        cfg = small_config(corpus, tmp_path / str(compiled), steps=3, eval_every=0,
+                           checkpoint_every=0, compile=compiled)
+        result = train(cfg)
+        runs[compiled] = read_metrics(result.metrics)
+    losses = {c: [r["loss"] for r in records if r["kind"] == "train"]
+              for c, records in runs.items()}
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    (record,) = [r for r in runs[True] if r["kind"] == "compile"]
+    assert record["step"] == 2 and record["first_step_s"] > 0
+    assert record["compile_s"] == pytest.approx(record["first_step_s"] - record["second_step_s"],
+                                                abs=2e-3)
+    assert not [r for r in runs[False] if r["kind"] == "compile"]

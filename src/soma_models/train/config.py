@@ -294,8 +294,17 @@ class HardwareSettings:
     parallel: str | None = setting(None, resume=True, choices=PARALLEL_MODES,
                                    help="under torchrun: ddp (default) or fsdp (FSDP2 sharding)")
     # Speed/memory options of train_step.prepare_model.
-    activation_checkpointing: bool = setting(False, resume=True, cli=False)
-    compile: bool = setting(False, resume=True, cli=False)
+    activation_checkpointing: bool = setting(
+        False, resume=True, const=True,
+        help="recompute each transformer block in the backward pass: activation memory of "
+             "one block instead of all (V1's 16 x 1024 batch on one 80 GB GPU), about a "
+             "third more compute, the same gradients")
+    compile: bool = setting(
+        False, resume=True, const=True,
+        help="torch.compile each transformer block (the first step pays the compile time, "
+             "logged; evaluation and the exact score stay eager; with --dropout the masks "
+             "come from the compiler's generator, so they differ from eager ones); off by "
+             "default, see benchmarks/README.md")
 
 
 #: Settings only the torch engine honours, with what --framework flax does instead.

@@ -19,7 +19,7 @@ import torch
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import distributed as distrib
 from soma_models.train.config import TrainConfig
-from soma_models.train.errors import TrainError
+from soma_models.train.errors import TrainConfigError, TrainError
 from soma_models.train.schedule import micro_seed
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches
@@ -83,8 +83,11 @@ class TorchEngine:
         else:
             model = Model(model_config)  # from-scratch init: Model.reset_parameters
         model.to(self.ctx.device)
-        step_lib.prepare_model(model, activation_checkpointing=cfg.activation_checkpointing,
-                               compile=cfg.compile)
+        try:
+            step_lib.prepare_model(model, activation_checkpointing=cfg.activation_checkpointing,
+                                   compile=cfg.compile)
+        except ValueError as exc:                 # train_step.check_compile's one line
+            raise TrainConfigError(f"--compile: {exc}") from None
         self.model = model  # sharded in place under FSDP
         self.module = self.strategy.wrap(distrib.TrainingModule(model))
         self.sig_reg = SIGReg(SIGRegConfig(slices=cfg.sig_reg_slices,

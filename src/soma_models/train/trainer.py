@@ -400,15 +400,38 @@ class Trainer:
                            evals.get("val_ce"), evals.get("score"), cfg.score_seq_len,
                            speed, seconds, self.revision.name)
 
+    def _report_compile(self, step_seconds: list[float], bar) -> None:
+        """Log what `--compile` cost: the first step compiles the blocks, the second runs
+        them; their difference is the compile time (one step only: the first, as is)."""
+        first = step_seconds[0]
+        compile_s = first - step_seconds[1] if len(step_seconds) > 1 else first
+        if self.engine.is_main:
+            record = {"first_step_s": round(first, 3), "compile_s": round(compile_s, 3)}
+            if len(step_seconds) > 1:
+                record["second_step_s"] = round(step_seconds[1], 3)
+            self.log.write(kind="compile", step=self.step, **record)
+            line = (f"torch.compile: the first step took {first:.1f} s, about {compile_s:.1f} s "
+                    f"of it compiling the blocks")
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
     def _loop(self, bar, start_tokens: int, started: float) -> dict[str, float]:
         """The steps, each followed by its evaluation and save points; returns the last
         evaluation."""
         cfg, engine = self.cfg, self.engine
         evals: dict[str, float] = {}
         stopped_early = False
+        step_seconds: list[float] = []
         while self.step < cfg.steps:
+            step_started = time.perf_counter()
             last = self.train_step()
             elapsed = time.perf_counter() - started
+            if cfg.compile and len(step_seconds) < 2:
+                step_seconds.append(time.perf_counter() - step_started)
+                if len(step_seconds) == 2 or self.step == cfg.steps:
+                    self._report_compile(step_seconds, bar)
             speed = (self.tokens - start_tokens) / max(elapsed, 1e-9)
             if engine.is_main:
                 self.log.write(kind="train", step=self.step,
