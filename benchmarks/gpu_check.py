@@ -9,7 +9,12 @@
     16 x 1024 batch (0.1.7's contract). Reports |loss difference| (absolute and relative)
     and the largest embedding difference, against SPEC §9's rtol/atol 1e-5.
 (b) Screening throughput of the 24-layer V1: 3 random models, 2 KB samples, samples/s of
-    `Screener.screen` (models already on the device; float32, TF32 off).
+    `Screener.screen` (models already on the device; float32, TF32 off). The targets are
+    the winner embeddings of 2% of the samples and one random vector; the threshold lies
+    between those planted hits and the nearest other sample. Then the same screening with
+    `prescreen="bf16"` (bf16 first pass, exact re-scoring of what it cannot prove a miss):
+    samples/s as a ratio to exact, how many it dropped, whether its hits are exactly the
+    exact ones, and the calibration (time, margins, largest deviations) apart.
 (c) One bf16-autocast training step of the 24-layer V1 (`train_step.backward`, what
     `soma-models train` runs: forward, on-chain loss with SIGReg, backward; fused AdamW)
     against a nanoGPT-style step of the same dimensions written here (learned positions,
@@ -154,9 +159,16 @@ def section_screening(sizes: Sizes, device: torch.device) -> None:
     rng = np.random.default_rng(2)
     samples = [(f"s{i}", rng.integers(0, 256, sizes.sample_bytes, dtype=np.uint8).tobytes())
                for i in range(sizes.samples)]
-    target = rng.standard_normal(config.embedding_dim).astype(np.float32)
-    screener = Screener(models, target, max_seq_len=sizes.seq_len, batch_size=sizes.batch_size,
-                        sig_reg_config=SIGRegConfig(slices=sizes.slices), micro_batch_size="auto")
+    contract = {"max_seq_len": sizes.seq_len, "batch_size": sizes.batch_size,
+                "sig_reg_config": SIGRegConfig(slices=sizes.slices), "micro_batch_size": "auto"}
+    # Targets: the exact winner embeddings of ~2% of the samples (planted hits) and one
+    # random vector, as a submitter screening for a target's neighbourhood would meet.
+    n_planted = max(1, round(0.02 * len(samples)))
+    planted = [int(i) for i in np.linspace(0, len(samples) - 1, n_planted + 2)[1:-1]]
+    first = Screener(models, np.ones(config.embedding_dim), **contract)
+    targets = np.stack([r.embedding for r in first.screen([samples[i] for i in planted])] +
+                       [rng.standard_normal(config.embedding_dim).astype(np.float32)])
+    screener = Screener(models, targets, **contract)
     rows = -(-sizes.sample_bytes // sizes.seq_len)
     # Warm-up on a quarter of the samples, at most one full pass (allocator, kernels).
     warm = max(1, min(len(samples) // 4, screener.rows_per_pass // rows))
@@ -170,10 +182,43 @@ def section_screening(sizes: Sizes, device: torch.device) -> None:
             if device.type == "cuda" else "")
     print(f"{len(results)} samples ({rows} rows of {sizes.seq_len} each) in {seconds:.1f} s: "
           f"{len(results) / seconds:.2f} samples/s; {screener.rows_per_pass} rows per pass{peak}")
+    # The threshold: midway between the planted hits' distances and the nearest other one.
+    distances = sorted(r.distance for r in results)
+    threshold = (distances[len(planted) - 1] + distances[len(planted)]) / 2
+    exact_hits = [r.sample for r in results if r.distance < threshold]
+    section_prescreen(models, samples, targets, threshold, exact_hits, seconds, contract,
+                      device)
     del models, screener
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def section_prescreen(models: list[Model], samples: list[tuple[str, bytes]],
+                      targets: np.ndarray, threshold: float, exact_hits: list[str],
+                      exact_seconds: float, contract: dict, device: torch.device) -> None:
+    """The same screening with `prescreen="bf16"`: calibration first (the first
+    `calibration` samples scored both ways, timed apart: once per run), then every sample
+    timed against the exact rate; the hits must be the exact ones."""
+    calibration = min(32, max(1, len(samples) // 3))
+    screener = Screener(models, targets, threshold=threshold, prescreen="bf16",
+                        calibration_samples=calibration, **contract)
+    start = time.perf_counter()
+    list(screener.screen(samples[:calibration]))        # calibrates, and warms bf16 up
+    sync(device)
+    calibration_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    results = list(screener.screen(samples))
+    sync(device)
+    seconds = time.perf_counter() - start
+    hits = [r.sample for r in results if r.hit]
+    dropped = sum(not r.exact for r in results)
+    print(f"prescreen bf16, threshold {threshold:.4g} ({len(exact_hits)} exact hits): "
+          f"{len(results) / seconds:.2f} samples/s, {exact_seconds / seconds:.2f}x exact; "
+          f"dropped {dropped}, re-scored {len(results) - dropped} exactly; same hits as "
+          f"exact: {'yes' if hits == exact_hits else 'NO'}")
+    print(f"  calibration on {calibration} samples: {calibration_seconds:.1f} s (once per "
+          f"run); {screener.margins}")
 
 
 # --------------------------------------------------------------------------- (c)
