@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
@@ -48,3 +49,29 @@ def test_piece_terms_are_sums_over_rows():
         reps = backend.model.encode(torch.from_numpy(tokens).long(), torch.from_numpy(positions))
         expected = sig_reg_statistic(reps, torch.from_numpy(noises[1]), sig_reg) * 24
     np.testing.assert_allclose(whole.sig_reg_sums[1], float(expected), rtol=1e-6)
+
+
+def test_bf16_row_terms_approximate_float32_and_leave_it_alone():
+    """The prescreen's pass: bf16 autocast terms near the float32 ones (bf16 keeps 8
+    significant bits: relative 2^-8 per value, a few of those through one layer), in
+    float64 like them; the float32 terms are unchanged by having run it."""
+    torch.manual_seed(0)
+    config = ModelConfig(embedding_dim=16, num_heads=2, num_layers=1, pwff_hidden_dim=32)
+    backend = TorchBackend(Model(config), SIGRegConfig(slices=16))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, (4, 8)).astype(np.int32)
+    targets = rng.integers(0, 257, (4, 8)).astype(np.int32)
+    positions = np.tile(np.arange(8, dtype=np.int64), (4, 1))
+    noises = [rng.standard_normal((16, 16)).astype(np.float32)]
+    index = np.zeros(4, dtype=np.int64)
+    exact = backend.row_terms(tokens, targets, positions, noises, index)
+    rough = backend.row_terms(tokens, targets, positions, noises, index, precision="bf16")
+    for ours, reference in zip(vars(rough).values(), vars(exact).values()):
+        assert ours.dtype == np.float64 and ours.shape == reference.shape
+        np.testing.assert_allclose(ours, reference, rtol=3e-2, atol=3e-2)
+    assert not np.array_equal(rough.ce_sums, exact.ce_sums)     # it did run in bf16
+    again = backend.row_terms(tokens, targets, positions, noises, index)
+    np.testing.assert_array_equal(again.ce_sums, exact.ce_sums)
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="precision must be one of float32, bf16, got 'fp8'"):
+        backend.row_terms(tokens, targets, positions, noises, index, precision="fp8")
