@@ -44,3 +44,13 @@ def test_profile_step_counts_kernels_per_block() -> None:
     blocks = [int(line.rsplit(":", 1)[1]) for line in out.splitlines()
               if line.startswith("leaf operators")]
     assert len(blocks) == 4 and all(n > 0 for n in blocks), out
+
+
+def test_bench_rope_checks_and_times_both_rotations() -> None:
+    script = BENCH.parent / "bench_rope.py"
+    done = subprocess.run([sys.executable, str(script), "--batch", "1", "--seq", "16",
+                           "--heads", "2", "--head-dim", "8", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if "rotate / half-split" in line]
+    assert [row.split()[0] for row in rows] == ["torch.float32", "torch.bfloat16"], done.stdout
