@@ -17,8 +17,10 @@ CI never runs this. For each size:
    the command to the first step's metrics line) and its tokens/s (how fast the model
    consumes rows);
    Startup is the time to the first step's metrics line less one step's time;
-3. the loader alone (`ChunkStream.take` + `ChunkTable.rows`, what the trainer calls per
-   step) runs for a few seconds in this process: rows/s.
+3. the loader alone (`ChunkStream.take`, `ChunkTable.prefetch` of the next step's rows and
+   `ChunkTable.rows`: what the trainer calls per step) runs for a few seconds in this
+   process: rows/s. Before 2 and 3 the corpus's pages are dropped from the page cache
+   (`evict`): both sizes are measured cold.
 
 JSONL and Parquet prepare rates are measured once, on the first size, with documents of
 ~4 KiB (one per line / row).
@@ -87,6 +89,14 @@ def write_rows(folder: Path, total: int, pool: np.ndarray) -> tuple[Path, Path]:
     return jsonl, parquet
 
 
+def evict(corpus: Path) -> None:
+    """Drop the corpus's files from the page cache (theirs only: POSIX_FADV_DONTNEED), so
+    that both sizes start cold, as a corpus larger than memory always is."""
+    for path in corpus.iterdir():
+        with open(path, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def run_train(corpus: Path, out: Path, steps: int) -> dict:
     """`soma-models train` in a fresh process: peak RSS, startup, tokens/s."""
     cmd = [sys.executable, "-m", "soma_models", "train", "--data", str(corpus), "--out",
@@ -128,7 +138,9 @@ def loader_rate(corpus: Path, seconds: float = 5.0) -> float:
     stream = ChunkStream(len(table), seed=0)
     rows, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        table.rows(stream.take(BATCH))
+        indices = stream.take(BATCH)
+        table.prefetch(stream.peek(BATCH))  # as the trainer does: the next step's rows
+        table.rows(indices)
         rows += BATCH
     return rows / (time.perf_counter() - started)
 
@@ -185,7 +197,10 @@ def main() -> None:
                     shutil.rmtree(root / f"c-{kind}")
                     print(f"[{label}] prepare {kind}: {entry[kind]}", flush=True)
                 shutil.rmtree(root / "rows")
+            evict(corpus)
             entry["train"] = run_train(corpus, root / f"run-{n}", args.steps)
+            entry["load_average"] = os.getloadavg()[0]
+            evict(corpus)
             print(f"[{label}] train: {entry['train']}", flush=True)
             entry["loader_rows_per_s"] = loader_rate(corpus)
             entry["model_rows_per_s"] = entry["train"]["tokens_per_s"] / SEQ_LEN

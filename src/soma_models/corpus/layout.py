@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,20 @@ def file_digest(path: Path) -> str:
         while block := fh.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _map_random(path: Path) -> mmap.mmap:
+    """A read-only map of a whole file, for random access.
+
+    MADV_RANDOM turns off the kernel's read-ahead around each page fault: training reads
+    rows of a few hundred bytes at random places, and the default read-ahead (often 128
+    KiB to 8 MiB per fault) would read, and keep in the page cache, far more than is used.
+    """
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
 
 
 def is_corpus(path: str | os.PathLike) -> bool:
@@ -137,8 +152,8 @@ class Corpus:
             raise CorpusError(f"{self.folder}: the corpus holds no documents")
         #: document i lives in shard s when first_document[s] <= i < first_document[s + 1]
         self.first_document = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self._bins = [np.memmap(shard_path(self.folder, s.index, "bin"), np.uint8, "r")
-                      for s in self.shards]
+        self._maps = [_map_random(shard_path(self.folder, s.index, "bin")) for s in self.shards]
+        self._bins = [np.frombuffer(m, np.uint8) for m in self._maps]
         self._offsets = [np.memmap(shard_path(self.folder, s.index, "idx"), OFFSET_DTYPE, "r")
                          for s in self.shards]
         self._keys = [np.memmap(shard_path(self.folder, s.index, "key"), KEY_DTYPE, "r")
@@ -192,6 +207,18 @@ class Corpus:
         shard, local = self._locate(index)
         offsets = self._offsets[shard]
         return self._bins[shard][int(offsets[local]):int(offsets[local + 1])]
+
+    def will_need(self, index: int, start: int, stop: int) -> None:
+        """Ask the kernel to start reading bytes `start..stop-1` of document `index` now,
+        without waiting (the trainer announces the next step's rows while it computes)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        shard, local = self._locate(index)
+        first = int(self._offsets[shard][local]) + start
+        aligned = first - first % mmap.PAGESIZE
+        length = min(int(self._offsets[shard][local]) + stop, self.shards[shard].bytes) - aligned
+        if length > 0:
+            self._maps[shard].madvise(mmap.MADV_WILLNEED, aligned, length)
 
     def sizes(self, start: int, stop: int) -> np.ndarray:
         """Sizes of documents `start..stop-1`, `[stop - start]` int64."""

@@ -214,6 +214,18 @@ class ChunkTable:
         docs = np.searchsorted(self.first_chunk, indices, side="right") - 1
         return docs, indices - self.first_chunk[docs]
 
+    def prefetch(self, indices: Sequence[int] | np.ndarray | list[np.ndarray]) -> None:
+        """Start reading the bytes of chunks `indices` (any shape) in the background (where the
+        documents can: a prepared corpus), so that `rows` later finds them in memory: on
+        a corpus larger than the page cache, reads overlap the step instead of stalling it."""
+        will_need = getattr(self.documents, "will_need", None)
+        if will_need is None:
+            return
+        docs, chunks = self.locate(np.asarray(indices, np.int64).reshape(-1))
+        seq = self.max_seq_len
+        for doc, chunk in zip(docs.tolist(), chunks.tolist(), strict=True):
+            will_need(doc, chunk * seq, (chunk + 1) * seq)
+
     def rows(self, indices: Sequence[int] | np.ndarray) -> ArrayBatch:
         """The rows of chunks `indices`, stacked in that order, built by the contract's
         own `soma_models.v1.tokenizer.write_rows` (row i is the row `iter_batches` gives

@@ -291,6 +291,10 @@ class Trainer:
         # its own share (`data.step_share`).
         indices = phase.stream.take(phase.batch_size)
         shares = step_share(indices, engine.rank, engine.world_size, phase.micro_batch_size)
+        # The next step's rows are known already: have them read while this step computes.
+        upcoming = step_share(phase.stream.peek(phase.batch_size), engine.rank,
+                              engine.world_size, phase.micro_batch_size)
+        phase.table.prefetch(upcoming)
         micro_batches = [(a * engine.world_size + engine.rank, phase.table.rows(rows))
                          for a, rows in enumerate(shares)]
         loss_total, ce_total = engine.backward(micro_batches, self.step)
