@@ -48,3 +48,26 @@ def test_row_terms_add_up_to_piece_terms(framework):
                                 1 - noise_index)
     assert np.all(swapped.sig_reg_sums != rows.sig_reg_sums)
     np.testing.assert_array_equal(swapped.ce_sums, rows.ce_sums)
+
+
+@pytest.mark.parametrize("framework, precisions", [("torch", ("float32", "bf16")),
+                                                   ("flax", ("float32",))])
+def test_precisions_are_declared_and_others_refused(framework, precisions):
+    """`precisions` says what `row_terms` computes in (screening's prescreen reads it);
+    torch adds a bf16 pass (tests/v1/torch/test_evaluate.py), Flax refuses one."""
+    if framework == "flax":
+        pytest.importorskip("flax")
+    backend = load_backend(random_weights(CONFIG, 3), model_config=CONFIG,
+                           sig_reg_config=SIG_REG, framework=framework)
+    assert backend.precisions == precisions
+    batch = next(iter_batches(data_of(20, seed=1), 16, 5))
+    noises = [scoring_noise(0, 0, CONFIG.embedding_dim, SIG_REG.slices)]
+    index = np.zeros(batch.token_ids.shape[0], dtype=np.int64)
+    exact = backend.row_terms(batch.token_ids, batch.targets, batch.pos_ids, noises, index,
+                              precision="float32")
+    default = backend.row_terms(batch.token_ids, batch.targets, batch.pos_ids, noises, index)
+    np.testing.assert_array_equal(exact.ce_sums, default.ce_sums)
+    refused = "fp8" if framework == "torch" else "bf16"
+    with pytest.raises(ValueError, match=f"{refused!r}"):
+        backend.row_terms(batch.token_ids, batch.targets, batch.pos_ids, noises, index,
+                          precision=refused)
