@@ -134,6 +134,8 @@ class SampleResult:
     embedding: the winner's `[D]` float32 embedding; distances: `[targets]` cosine
     distances of that embedding (NaN for a zero vector); nearest: index of the smallest
     distance (None when all are NaN); hit: distance < threshold (None without a threshold).
+    `exact` is always True: these are the chain's numbers (the prescreen's other kind of
+    result is `DroppedSample`).
     """
 
     sample: str
@@ -487,7 +489,8 @@ def _file_identity(weights: object) -> list[object] | None:
 
 
 def screen(weights_list: Sequence[object], samples: Iterable[tuple[str, object]],
-           targets: object, seed: int = 0, **kwargs: Any) -> list[SampleResult]:
+           targets: object, seed: int = 0, **kwargs: Any
+           ) -> list[SampleResult | DroppedSample]:
     """Screen `(name, data)` samples: `Screener(weights_list, targets, seed, **kwargs)`."""
     return list(Screener(weights_list, targets, seed, **kwargs).screen(samples))
 
