@@ -26,6 +26,11 @@
     it fit an 80 GB GPU?) and with `--compile`. The first step's time is shown apart:
     for compiled rows it includes the compile time.
 
+Every section has Flax rows too (benchmarks/gpu_check_flax.py; JAX on its default
+backend): (a) Flax on JAX's device against Flax on JAX's CPU and against torch on the
+CPU, which shows that `Precision.HIGHEST` holds on CUDA; (b) the same screening with the
+Flax backend; (c) the Flax bf16 step of `soma-models train --framework flax --bf16`.
+
 Without CUDA the script still runs every section, on the CPU against the CPU (the
 deviation is then 0 by construction and says nothing about GPUs); `--quick` shrinks all
 sizes so that this takes well under a minute (and compiles with the aot_eager backend,
@@ -43,18 +48,23 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from soma_models.v1.configs import ModelConfig, SIGRegConfig, preset
-from soma_models.v1.revisions import resolve
-from soma_models.v1.scoring import score
-from soma_models.v1.screening import Screener
-from soma_models.v1.torch import serde
-from soma_models.v1.torch.modules.model import Model
-from soma_models.v1.torch.modules.sig_reg import SIGReg
-from soma_models.v1.torch.train_step import backward, prepare_model
+# JAX (the Flax rows) allocates GPU memory as it needs it, beside torch's allocator.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import gpu_check_flax as fx  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from soma_models.v1.configs import ModelConfig, SIGRegConfig, preset  # noqa: E402
+from soma_models.v1.revisions import resolve  # noqa: E402
+from soma_models.v1.scoring import score  # noqa: E402
+from soma_models.v1.screening import Screener  # noqa: E402
+from soma_models.v1.torch import serde  # noqa: E402
+from soma_models.v1.torch.modules.model import Model  # noqa: E402
+from soma_models.v1.torch.modules.sig_reg import SIGReg  # noqa: E402
+from soma_models.v1.torch.train_step import backward, prepare_model  # noqa: E402
 
 # Dense bf16 peak (no sparsity), TFLOP/s, by device-name fragment; first match wins.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
@@ -127,6 +137,7 @@ def section_deviation(sizes: Sizes, device: torch.device) -> None:
     print(f"{'model':<34}{'cpu loss':>13}{'device loss':>13}{'|d loss|':>10}{'rel':>10}"
           f"{'max|d emb|':>12}{'cpu s':>7}{'dev s':>7}  ok")
     layer_label = "one layer" if sizes.layer.embedding_dim < 2048 else "one full-width layer"
+    flax_rows = []
     for label, config in (("small", sizes.small), (layer_label, sizes.layer)):
         arrays = serde.canonical_arrays(random_model(config, 7, torch.device("cpu")))
         results = []
@@ -137,16 +148,30 @@ def section_deviation(sizes: Sizes, device: torch.device) -> None:
             sync(device)
             results.append((result, time.perf_counter() - start))
         (cpu, cpu_s), (dev, dev_s) = results
-        diff = abs(cpu.loss - dev.loss)
-        emb = float(np.max(np.abs(cpu.embedding - dev.embedding)))
-        ok = diff <= SPEC_ATOL + SPEC_RTOL * abs(cpu.loss) and np.allclose(
-            dev.embedding, cpu.embedding, rtol=SPEC_RTOL, atol=SPEC_ATOL)
         name = f"{label} (D {config.embedding_dim}, {config.num_layers} layer(s))"
-        print(f"{name:<34}{cpu.loss:>13.7f}{dev.loss:>13.7f}{diff:>10.2e}"
-              f"{diff / abs(cpu.loss):>10.2e}{emb:>12.2e}{cpu_s:>7.1f}{dev_s:>7.1f}  "
-              f"{'yes' if ok else 'NO'}")
+        print_deviation(name, cpu, dev, cpu_s, dev_s)
+        (jax_cpu, jax_cpu_s), (jax_dev, jax_dev_s) = fx.score_both(
+            arrays, data, config, sig_reg, sizes.seq_len, sizes.batch_size)
+        flax_rows.append((f"flax {name}", jax_cpu, jax_dev, jax_cpu_s, jax_dev_s))
+        flax_rows.append((f"flax vs torch cpu, {label}", cpu, jax_dev, cpu_s, jax_dev_s))
         del arrays
         gc.collect()
+    print(f"Flax (JAX on {fx.backend()}): JAX's device against JAX's CPU, and against torch "
+          f"on the CPU (Precision.HIGHEST: every matmul true float32)")
+    for row in flax_rows:
+        print_deviation(*row)
+
+
+def print_deviation(name: str, cpu: object, dev: object, cpu_s: float, dev_s: float) -> None:
+    """One row of (a): two scores of the same weights and data, and whether they agree
+    within SPEC §9's tolerance."""
+    diff = abs(cpu.loss - dev.loss)
+    emb = float(np.max(np.abs(cpu.embedding - dev.embedding)))
+    ok = diff <= SPEC_ATOL + SPEC_RTOL * abs(cpu.loss) and np.allclose(
+        dev.embedding, cpu.embedding, rtol=SPEC_RTOL, atol=SPEC_ATOL)
+    print(f"{name:<34}{cpu.loss:>13.7f}{dev.loss:>13.7f}{diff:>10.2e}"
+          f"{diff / abs(cpu.loss):>10.2e}{emb:>12.2e}{cpu_s:>7.1f}{dev_s:>7.1f}  "
+          f"{'yes' if ok else 'NO'}")
 
 
 # --------------------------------------------------------------------------- (b)
@@ -188,10 +213,26 @@ def section_screening(sizes: Sizes, device: torch.device) -> None:
     exact_hits = [r.sample for r in results if r.distance < threshold]
     section_prescreen(models, samples, targets, threshold, exact_hits, seconds, contract,
                       device)
+    # The same weights, samples and targets through the Flax backend (JAX's device).
+    arrays = [serde.canonical_arrays(m) for m in models]
     del models, screener
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    flax = Screener(arrays, targets, model_config=config, framework="flax", **contract)
+    list(flax.screen(samples[:warm]))
+    start = time.perf_counter()
+    flax_results = list(flax.screen(samples))
+    flax_seconds = time.perf_counter() - start
+    memory = fx.peak_gib()
+    losses = np.array([r.losses for r in results])
+    rel = float(np.max(np.abs(np.array([r.losses for r in flax_results]) - losses)
+                       / np.abs(losses)))
+    print(f"flax ({fx.backend()}): {len(flax_results) / flax_seconds:.2f} samples/s; "
+          f"{flax.rows_per_pass} rows per pass"
+          + (f", peak memory {memory:.1f} GiB" if memory is not None else ""))
+    print(f"flax / torch samples/s: {seconds / flax_seconds:.2f}x; largest relative loss "
+          f"difference flax vs torch {rel:.1e}")
 
 
 def section_prescreen(models: list[Model], samples: list[tuple[str, bytes]],
@@ -390,11 +431,31 @@ def section_training(sizes: Sizes, device: torch.device, peak_tflops: float | No
               f"{flops / 1e12:>9.1f}{mfu:>7}{mem:>10}")
         results[row.name] = (tokens_per_s, first, seconds, memory)
 
+    for name, rows in (("Flax bf16", sizes.train_batch), ("Flax net bf16", sizes.batch_size)):
+        # `soma-models train --framework flax --bf16`'s step, on JAX's default device.
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        step, flops_per_token = fx.training_step(config, sizes.slices, rows, seq)
+        first, seconds = time_steps(step, sizes.train_steps, device)
+        del step
+        gc.collect()
+        tokens_per_s = rows * seq / seconds
+        flops = flops_per_token * tokens_per_s
+        mfu = f"{flops / (peak_tflops * 1e12):.1%}" if peak_tflops else "n/a"
+        memory = fx.peak_gib()
+        mem = f"{memory:.1f}" if memory is not None else "-"
+        print(f"{name:<18}{rows:>5}{first:>8.1f}{seconds:>8.3f}{tokens_per_s:>10.0f}"
+              f"{flops / 1e12:>9.1f}{mfu:>7}{mem:>10}")
+        results[name] = (tokens_per_s, first, seconds, memory)
+    print(f"(Flax rows: JAX on {fx.backend()}; peak GiB is JAX's, over the Flax rows so far)")
+
     def ratio(a: str, b: str, label: str) -> None:
         if a in results and b in results:
             print(f"{label}: {results[a][0] / results[b][0]:.2f}x")
 
     ratio("V1 (ours)", "nanoGPT-style", "ours / nanoGPT-style tokens/s (eager)")
+    ratio("Flax bf16", "V1 (ours)", "flax / torch tokens/s (bf16, ours eager)")
+    ratio("Flax net bf16", "V1 net batch", "flax / torch tokens/s (bf16, network batch)")
     ratio("V1 --compile", "nanoGPT-style", "ours --compile / nanoGPT-style tokens/s")
     ratio("V1 --compile", "V1 (ours)", "--compile / eager tokens/s")
     ratio("V1 net --compile", "V1 net batch", "--compile / eager tokens/s, network batch")

@@ -20,7 +20,14 @@ def test_gpu_check_quick_runs_every_section():
     assert "== (a) cpu vs cpu scoring deviation" in out
     deviation_rows = [line for line in out.splitlines() if line.startswith(("small", "one layer"))]
     assert len(deviation_rows) == 2 and all(line.endswith("yes") for line in deviation_rows), out
+    # Flax rows of (a): JAX's device against JAX's CPU and against torch on the CPU.
+    flax_rows = [line for line in out.splitlines() if line.startswith("flax ")
+                 and line.endswith(("yes", "NO"))]
+    assert len(flax_rows) == 4 and all(line.endswith("yes") for line in flax_rows), out
     assert "== (b) screening throughput" in out and "samples/s" in out
+    assert "flax (cpu" in out and "flax / torch samples/s:" in out
+    difference = float(out.split("largest relative loss difference flax vs torch ")[1].split()[0])
+    assert difference < 1e-5, out
     assert "== (c) bf16 autocast training step" in out
     assert "V1 (ours)" in out and "nanoGPT-style" in out and "tokens/s" in out
     # Every row of (c) ran: ours eager and compiled, the anchor, the network's batch
@@ -29,6 +36,7 @@ def test_gpu_check_quick_runs_every_section():
     names = {" ".join(r[:-7]) for r in rows if len(r) >= 8 and r[-7].isdigit()
              and (r[-2] == "n/a" or r[-2].endswith("%"))}          # the MFU column
     assert names == {"V1 (ours)", "V1 --compile", "nanoGPT-style", "V1 net batch",
-                     "V1 net ckpt", "V1 net --compile"}, out
+                     "V1 net ckpt", "V1 net --compile", "Flax bf16", "Flax net bf16"}, out
+    assert "flax / torch tokens/s (bf16, ours eager):" in out
     assert "ours / nanoGPT-style tokens/s (eager):" in out
     assert "--compile / eager tokens/s:" in out and "compile time, V1 --compile" in out
