@@ -105,3 +105,23 @@ def write_summary(out_dir: Path, log: MetricsLog, summary: dict[str, Any], *,
             print(MISSING_MATPLOTLIB, file=sys.stderr)
     write_json(out_dir / "summary.json", summary)
     return plot_path
+
+
+def report_compile(log: MetricsLog | None, step: int, step_seconds: list[float], bar) -> None:
+    """Log what `--compile` cost (rank 0 passes its `log`, the others None): the first step
+    compiles the blocks, the second runs them; their difference is the compile time (one
+    step only: the first, as is). One line on the progress bar, else on stderr."""
+    first = step_seconds[0]
+    compile_s = first - step_seconds[1] if len(step_seconds) > 1 else first
+    if log is None:
+        return
+    record = {"first_step_s": round(first, 3), "compile_s": round(compile_s, 3)}
+    if len(step_seconds) > 1:
+        record["second_step_s"] = round(step_seconds[1], 3)
+    log.write(kind="compile", step=step, **record)
+    line = (f"torch.compile: the first step took {first:.1f} s, about {compile_s:.1f} s "
+            f"of it compiling the blocks")
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
     import msvcrt
 
-from typing import Self
+from typing import Any, Self
 
 from soma_models.atomic import clean_stale
 from soma_models.train.checkpoint import has_checkpoint
@@ -103,6 +103,21 @@ class RunFolder:
         except BaseException:
             self.release()
             raise
+
+    def claim_for_all(self, processes: Any, *, resume: bool, overwrite: bool) -> None:
+        """`claim` on the main process of `processes` (an engine: `is_main`, `broadcast`);
+        every process learns the outcome and raises if it failed."""
+        failure: Exception | None = None
+        if processes.is_main:
+            try:
+                self.claim(resume=resume, overwrite=overwrite)
+            except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
+                failure = exc
+        message = processes.broadcast(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise TrainError(message)
 
     def tidy(self, *, overwrite: bool) -> None:
         """Lock held: replace an old run (`overwrite`) and remove the temporaries that killed

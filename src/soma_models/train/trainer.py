@@ -66,7 +66,13 @@ from soma_models.train.data import (
     step_share,
 )
 from soma_models.train.errors import NonFiniteError, TrainConfigError, TrainError
-from soma_models.train.metrics import MetricsLog, describe_evaluation, evaluate, write_summary
+from soma_models.train.metrics import (
+    MetricsLog,
+    describe_evaluation,
+    evaluate,
+    report_compile,
+    write_summary,
+)
 from soma_models.train.run_folder import RunFolder, terminate_raises
 from soma_models.train.schedule import learning_rate
 from soma_models.v1.contract import ScoringContract
@@ -146,7 +152,7 @@ class Trainer:
         self.micro_batch_size, self.accumulation = layout.micro_batch_size, layout.accumulation
         self.folder = RunFolder(cfg.out_dir)
         self.out_dir = self.folder.path
-        self._claim_folder()
+        self.folder.claim_for_all(self.engine, resume=cfg.resume, overwrite=cfg.overwrite)
         try:
             self.model_config = cfg.model_config()
             self.model_config.require_contract_vocab()
@@ -161,21 +167,6 @@ class Trainer:
         self._snapshot: Snapshot | None = None
 
     # ------------------------------------------------------------------ setup
-    def _claim_folder(self) -> None:
-        """Rank 0 claims the run folder (`RunFolder.claim`); every rank learns the outcome."""
-        failure: Exception | None = None
-        if self.engine.is_main:
-            try:
-                self.folder.claim(resume=self.cfg.resume, overwrite=self.cfg.overwrite)
-            except Exception as exc:  # noqa: BLE001 - every rank must learn of it, then raise
-                failure = exc
-        message = self.engine.broadcast(None if failure is None else str(failure))
-        if failure is not None:
-            self.close()
-            raise failure
-        if message is not None:
-            raise TrainError(message)
-
     def close(self) -> None:
         """Release the run folder (and remove it if this run created it and left it empty)."""
         self.folder.release()
@@ -404,23 +395,6 @@ class Trainer:
                            evals.get("val_ce"), evals.get("score"), cfg.score_seq_len,
                            speed, seconds, self.revision.name)
 
-    def _report_compile(self, step_seconds: list[float], bar) -> None:
-        """Log what `--compile` cost: the first step compiles the blocks, the second runs
-        them; their difference is the compile time (one step only: the first, as is)."""
-        first = step_seconds[0]
-        compile_s = first - step_seconds[1] if len(step_seconds) > 1 else first
-        if self.engine.is_main:
-            record = {"first_step_s": round(first, 3), "compile_s": round(compile_s, 3)}
-            if len(step_seconds) > 1:
-                record["second_step_s"] = round(step_seconds[1], 3)
-            self.log.write(kind="compile", step=self.step, **record)
-            line = (f"torch.compile: the first step took {first:.1f} s, about {compile_s:.1f} s "
-                    f"of it compiling the blocks")
-            if bar is not None:
-                bar.write(line)
-            else:
-                print(line, file=sys.stderr, flush=True)
-
     def _loop(self, bar, start_tokens: int, started: float) -> dict[str, float]:
         """The steps, each followed by its evaluation and save points; returns the last
         evaluation."""
@@ -435,7 +409,8 @@ class Trainer:
             if cfg.compile and len(step_seconds) < 2:
                 step_seconds.append(time.perf_counter() - step_started)
                 if len(step_seconds) == 2 or self.step == cfg.steps:
-                    self._report_compile(step_seconds, bar)
+                    report_compile(self.log if engine.is_main else None, self.step,
+                                   step_seconds, bar)
             speed = (self.tokens - start_tokens) / max(elapsed, 1e-9)
             if engine.is_main:
                 self.log.write(kind="train", step=self.step,
