@@ -4,7 +4,6 @@ the screening pass (the numbers issue 22 tracks).
     python benchmarks/bench_flax.py            # D 256, 4 layers, batch 4 x 512; 3 `small`
                                                # models x 12 samples for screening
     python benchmarks/bench_flax.py --quick    # tiny sizes (smoke run)
-    python benchmarks/bench_flax.py --profile  # also: where the Flax step's time goes
 
 Sections:
   step     one optimizer step of the on-chain loss (forward, loss, backward, clip, AdamW):
@@ -14,8 +13,13 @@ Sections:
            first-step losses must agree (rtol 1e-4) before any speed is reported.
   screen   `Screener.screen` over the same samples and models with the torch and the Flax
            backend, alternated in groups; losses must agree (rtol 1e-5).
-  --profile  the Flax step's compiled HLO: time per XLA op category from a JAX profiler
-           trace (what is inside XLA's kernels against what is ours).
+  kernels  where the screening gap lies: one float32 cos over a [4096, 256] array, and
+           SIGReg's per-position values (256 slices, 17 points) of `[rows, 1024, D]`
+           representations, XLA against torch, alternated.
+  precision  what our exactness costs on XLA:CPU: the Flax step as the library compiles
+           it (every matmul `Precision.HIGHEST`, true divisions behind an optimisation
+           barrier) against the same step with DEFAULT precision, and also without the
+           barrier (the modules' constants swapped for this measurement only), alternated.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ QUICK = {"dim": 64, "layers": 2, "heads": 4, "hidden": 256, "batch": 2, "seq": 1
          "slices": 64, "steps": 2, "screen_preset": "tiny", "samples": 4, "groups": 2}
 
 
-def step_section(sizes: dict) -> dict:
+def step_section(sizes: dict) -> float:
     import jax
     import torch
     from flax import nnx
@@ -105,7 +109,7 @@ def step_section(sizes: dict) -> dict:
         print(f"{name:<6} best {min(seconds):.3f} s/step  {tokens / min(seconds):8.0f} tokens/s")
     ratio = min(times["torch"]) / min(times["flax"])
     print(f"flax / torch tokens/s: {ratio:.2f}x (best step)")
-    return {"jitted": jitted, "args": (params, rest, opt_state, *j_batch), "ratio": ratio}
+    return ratio
 
 
 def screen_section(sizes: dict) -> float:
@@ -145,12 +149,123 @@ def screen_section(sizes: dict) -> float:
     return ratio
 
 
+def precision_section(sizes: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import soma_models.v1.flax.modules.attention as attention
+    import soma_models.v1.flax.modules.attention_kernels as kernels
+    import soma_models.v1.flax.modules.model as model_module
+    import soma_models.v1.flax.modules.pwff as pwff
+    import soma_models.v1.flax.modules.sig_reg as sig_reg
+    from soma_models.v1.configs import ModelConfig, SIGRegConfig
+    from soma_models.v1.flax.train_step import make_optimizer, train_step
+
+    config = ModelConfig(embedding_dim=sizes["dim"], num_layers=sizes["layers"],
+                         num_heads=sizes["heads"], pwff_hidden_dim=sizes["hidden"])
+    rng = np.random.default_rng(0)
+    b, s = sizes["batch"], sizes["seq"]
+    token_ids = jnp.asarray(rng.integers(0, 256, (b, s)), dtype=jnp.int32)
+    batch = (token_ids, jnp.roll(token_ids, -1, axis=1),
+             jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
+             jnp.asarray(rng.standard_normal((sizes["dim"], sizes["slices"])), jnp.float32))
+
+    def build():
+        """A compiled step of a fresh model, traced under the modules' current constants."""
+        model = model_module.Model(config, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = make_optimizer(1e-4, max_grad_norm=1.0)
+        state = [params, rest, tx.init(params)]
+        jitted = jax.jit(functools.partial(
+            train_step, graphdef, sig_reg.SIGReg(SIGRegConfig(slices=sizes["slices"])), tx))
+
+        def step() -> float:
+            state[0], state[1], state[2], loss = jitted(*state, *batch)
+            return float(loss)
+        step()                                                        # compile now
+        return step
+
+    modules = (attention, kernels, model_module, pwff, sig_reg)
+    saved = [(m, m.__dict__.get("HIGHEST"), m.__dict__.get("exact_divide")) for m in modules]
+    variants = {"HIGHEST + barrier (ours)": build()}
+    try:
+        for m in modules:
+            if "HIGHEST" in m.__dict__:
+                m.HIGHEST = jax.lax.Precision.DEFAULT
+        variants["DEFAULT + barrier"] = build()
+        for m in modules:
+            if "exact_divide" in m.__dict__:
+                m.exact_divide = lambda a, d: a / d
+        variants["DEFAULT, plain division"] = build()
+    finally:
+        for m, highest, divide in saved:
+            if highest is not None:
+                m.HIGHEST = highest
+            if divide is not None:
+                m.exact_divide = divide
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(sizes["steps"]):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    ours = min(times["HIGHEST + barrier (ours)"])
+    print(f"\n== precision: the Flax step on {jax.default_backend()}, same sizes as the step "
+          f"section; {sizes['steps']} steps of each, alternated ==")
+    for name, seconds in times.items():
+        print(f"{name:<26} best {min(seconds):.3f} s/step  speed vs ours "
+              f"{ours / min(seconds):.2f}x")
+
+
+def kernels_section(sizes: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from soma_models.v1.configs import SIGRegConfig, preset
+    from soma_models.v1.flax.modules import sig_reg as flax_sig_reg
+    from soma_models.v1.torch.modules import sig_reg as torch_sig_reg
+
+    rng = np.random.default_rng(0)
+    angles = (3 * rng.standard_normal((4096, 256))).astype(np.float32)
+    dim = preset(sizes["screen_preset"]).embedding_dim
+    reps = rng.standard_normal((4, 1024, dim)).astype(np.float32)
+    noise = rng.standard_normal((dim, 256)).astype(np.float32)
+    config = SIGRegConfig(slices=256)
+    xla_cos = jax.jit(jnp.cos)
+    xla_sig_reg = jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config))
+    j_angles, j_reps, j_noise = (jnp.asarray(a) for a in (angles, reps, noise))
+    t_angles, t_reps, t_noise = (torch.from_numpy(a) for a in (angles, reps, noise))
+    work = {
+        ("cos [4096, 256]", "xla"): lambda: jax.block_until_ready(xla_cos(j_angles)),
+        ("cos [4096, 256]", "torch"): lambda: torch.cos(t_angles),
+        ("SIGReg values [4, 1024]", "xla"):
+            lambda: jax.block_until_ready(xla_sig_reg(j_reps, j_noise)),
+        ("SIGReg values [4, 1024]", "torch"):
+            lambda: torch_sig_reg.sig_reg_position_values(t_reps, t_noise, config),
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in work}
+    for fn in work.values():
+        fn()                                                           # compile / warm up
+    for _ in range(5):
+        for key, fn in work.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            times[key].append(time.perf_counter() - start)
+    print(f"\n== kernels: XLA ({jax.default_backend()}) against torch, best of 5 alternated ==")
+    for what in dict.fromkeys(w for w, _ in work):
+        xla, pt = min(times[(what, "xla")]), min(times[(what, "torch")])
+        print(f"{what:<26} xla {xla * 1e3:8.1f} ms  torch {pt * 1e3:8.1f} ms  "
+              f"torch / xla speed {xla / pt:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
-    parser.add_argument("--sections", default="step,screen")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sections", default="step,screen,kernels,precision")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     import jax
@@ -163,6 +278,10 @@ def main() -> None:
         step_section(sizes)
     if "screen" in sections:
         screen_section(sizes)
+    if "kernels" in sections:
+        kernels_section(sizes)
+    if "precision" in sections:
+        precision_section(sizes)
 
 
 if __name__ == "__main__":

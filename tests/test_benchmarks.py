@@ -54,3 +54,15 @@ def test_bench_rope_checks_and_times_both_rotations() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if "rotate / half-split" in line]
     assert [row.split()[0] for row in rows] == ["torch.float32", "torch.bfloat16"], done.stdout
+
+
+def test_bench_flax_checks_and_times_both_frameworks() -> None:
+    """bench_flax --quick --sections step: the Flax and torch steps agree on the first loss
+    (the script stops otherwise) and both get a speed and a ratio."""
+    script = BENCH.parent / "bench_flax.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--sections", "step"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "flax / torch tokens/s:" in done.stdout, done.stdout
+    assert [line.split()[0] for line in done.stdout.splitlines()
+            if "s/step" in line and "tokens/s" in line] == ["torch", "flax"], done.stdout
