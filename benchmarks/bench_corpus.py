@@ -128,13 +128,18 @@ def run_train(corpus: Path, out: Path, steps: int) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
-def loader_rate(corpus: Path, seconds: float = 5.0) -> float:
-    """Rows/s of the trainer's data path alone (the stream, then the rows)."""
+def loader_rate(corpus: Path, seconds: float = 5.0) -> tuple[float, float]:
+    """Rows/s of the trainer's data path alone (the stream, then the rows), and the
+    seconds its setup takes (open, split, chunk table, held-out bytes: the data's share
+    of the trainer's startup)."""
     sys.path.insert(0, str(SRC))
     from soma_models.train.data import ChunkStream, open_training_data
 
+    started = time.perf_counter()
     data = open_training_data([corpus], 0.1, "bytes")
     table = data.table(SEQ_LEN)
+    data.split.heldout(1 << 24)
+    setup = time.perf_counter() - started
     stream = ChunkStream(len(table), seed=0)
     rows, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -142,7 +147,7 @@ def loader_rate(corpus: Path, seconds: float = 5.0) -> float:
         table.prefetch(stream.peek(BATCH))  # as the trainer does: the next step's rows
         table.rows(indices)
         rows += BATCH
-    return rows / (time.perf_counter() - started)
+    return rows / (time.perf_counter() - started), setup
 
 
 def prepare_rate(sources: list[Path], out: Path, **options) -> dict:
@@ -202,10 +207,11 @@ def main() -> None:
             entry["load_average"] = os.getloadavg()[0]
             evict(corpus)
             print(f"[{label}] train: {entry['train']}", flush=True)
-            entry["loader_rows_per_s"] = loader_rate(corpus)
+            entry["loader_rows_per_s"], entry["data_setup_s"] = loader_rate(corpus)
             entry["model_rows_per_s"] = entry["train"]["tokens_per_s"] / SEQ_LEN
             entry["loader_over_model"] = entry["loader_rows_per_s"] / entry["model_rows_per_s"]
-            print(f"[{label}] loader {entry['loader_rows_per_s']:,.0f} rows/s, model "
+            print(f"[{label}] data setup {entry['data_setup_s']:.2f} s; "
+                  f"loader {entry['loader_rows_per_s']:,.0f} rows/s, model "
                   f"{entry['model_rows_per_s']:,.0f} rows/s: x{entry['loader_over_model']:.0f}",
                   flush=True)
             results[label] = entry
@@ -216,7 +222,8 @@ def main() -> None:
         for label in labels:
             r = results[label]
             print(f"{label:>7}: peak RSS {r['train']['peak_rss_mb']:,.0f} MB, startup "
-                  f"{r['train']['startup_s']:.1f} s, prepare raw {r['raw']['mb_per_s']:,.0f} MB/s, "
+                  f"{r['train']['startup_s']:.1f} s (data setup {r['data_setup_s']:.2f} s, load "
+                  f"{r['load_average']:.1f}), prepare raw {r['raw']['mb_per_s']:,.0f} MB/s, "
                   f"loader / model x{r['loader_over_model']:.0f}")
         if len(labels) >= 2:
             small, large = results[labels[0]], results[labels[-1]]

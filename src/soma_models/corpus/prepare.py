@@ -6,7 +6,9 @@
 The inputs (`soma_models.corpus.inputs`) are cut into *units* of about `shard_bytes` of
 input (consecutive raw files; a Parquet file's row groups; a `datasets` folder's rows;
 a JSONL file), and each unit becomes one shard, written by a pool of `workers`
-processes. Document order is the inputs' order, whatever the pool's.
+processes. Document order is the inputs' order, whatever the pool's. The workers are
+spawned (not forked), so a script that calls `prepare` with several workers needs the
+usual `if __name__ == "__main__":` guard.
 
 Whole or nothing: everything is written into a hidden temporary folder next to the output
 (`soma_models.atomic.staging`), the manifest last, and the folder is renamed onto the
