@@ -121,3 +121,57 @@ def test_initialize_from_env_single_process_does_nothing():
     from soma_models.train.flax_sharding import initialize_from_env
 
     assert initialize_from_env({}) is False
+
+
+WORKER = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from flax import nnx
+    from soma_models.train.flax_sharding import ShardedTrainStep, data_mesh, initialize_from_env
+    from soma_models.v1.configs import ModelConfig, SIGRegConfig
+    from soma_models.v1.flax.modules.model import Model
+
+    several = initialize_from_env()
+    config = ModelConfig(embedding_dim=32, num_layers=1, num_heads=2, pwff_hidden_dim=64)
+    tokens = np.random.default_rng(0).integers(0, 256, (3, 4, 33)).astype(np.int32)
+    step = ShardedTrainStep(Model(config, rngs=nnx.Rngs(0)), data_mesh(), lr=3e-3,
+                            warmup_steps=1, total_steps=3,
+                            sig_reg_config=SIGRegConfig(slices=16, points=5))
+    rank, processes = jax.process_index(), jax.process_count()
+    losses = []
+    for k in range(3):
+        rows = tokens[k][rank * 4 // processes:(rank + 1) * 4 // processes]  # its own rows
+        noise = np.random.default_rng(k).standard_normal((32, 16)).astype(np.float32)
+        losses.append(step(rows[:, :-1], rows[:, 1:],
+                           np.broadcast_to(np.arange(32), (len(rows), 32)), noise))
+    print(json.dumps({"several": several, "devices": len(jax.devices()), "losses": losses}))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_from_the_environment_match_one_process():
+    """jax.distributed.initialize from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
+    JAX_PROCESS_ID: two CPU processes, each passing its half of every batch, train as one
+    process on the whole batch does (float32 rounding)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR")}
+    base["JAX_PLATFORMS"] = "cpu"
+    workers = [subprocess.Popen(
+        [sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(rank)}) for rank in (0, 1)]
+    single = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True,
+                            env=base, timeout=300)
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert not one["several"] and one["devices"] == 1
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        two = json.loads(out.strip().splitlines()[-1])
+        assert two["several"] and two["devices"] == 2
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)

@@ -114,6 +114,9 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
     settings = distributed_settings(environ)
     if settings is None:
         return False
+    # CPU devices of different processes talk through gloo (JAX's CPU default has no
+    # cross-process collectives); GPUs and TPUs are not affected by this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
     return True
 
