@@ -3,8 +3,9 @@
 `trainer.Trainer` owns everything a run does that no framework decides: the settings,
 the data and its order, the schedule, the loop, when to evaluate and save, the run
 folder, checkpoints and the resume check, metrics and the summary. The framework's half
-is an engine, which the trainer drives; `torch_engine.TorchEngine` is torch's. A Flax
-engine implements the same methods and plugs in as `Trainer(cfg, engine=...)`.
+is an engine, which the trainer drives; `torch_engine.TorchEngine` is torch's and
+`flax_engine.FlaxEngine` Flax's (`TrainConfig.framework` picks one; any other engine
+plugs in as `Trainer(cfg, engine=...)`).
 
 Processes are the engine's (torchrun's or JAX's): rank 0 writes every file; the trainer
 calls the collective methods (marked below) on every rank, in the same order.

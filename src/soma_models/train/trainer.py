@@ -39,7 +39,8 @@ Components. The settings are `config.TrainConfig`'s; the run folder `run_folder`
 writing, pruning, the finiteness gate and the resume check `checkpoint`'s; evaluation,
 the summary and the plot `metrics`'s; the chunking `data`'s. This module keeps setup, the
 step and the loop, and is framework-free: the framework's half of a run is an engine
-(the protocol `engine.Engine`; torch's is `torch_engine.TorchEngine`), which the trainer
+(the protocol `engine.Engine`; torch's is `torch_engine.TorchEngine`, Flax's
+`flax_engine.FlaxEngine`, chosen by `cfg.framework`), which the trainer
 drives through `engine.backward` / `engine.update` for a step and `engine.gather` once per
 evaluation/save point. Another framework's engine plugs in as `Trainer(cfg, engine=...)`,
 leaving the loop untouched.
