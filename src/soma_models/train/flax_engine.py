@@ -159,6 +159,8 @@ class FlaxEngine:
         self.model_config = model_config
         model = (_load_weights(cfg.init_from, model_config) if cfg.init_from
                  else Model(model_config, rngs=nnx.Rngs(cfg.seed)))
+        # What `Trainer.module` shows: the model as built. The trained weights live in
+        # `self.params` (replicated over the mesh); `gather()` gives a model holding them.
         self.module = model
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.params = jax.device_put(params, self.replicated)
