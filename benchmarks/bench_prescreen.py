@@ -21,16 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import sys
-import time
 
 import numpy as np
-
-
-def clocks() -> tuple[float, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), usage.ru_utime + usage.ru_stime
+from bench_screen import clocks
 
 
 def main() -> None:
