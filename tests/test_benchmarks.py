@@ -66,3 +66,21 @@ def test_bench_flax_checks_and_times_both_frameworks() -> None:
     assert "flax / torch tokens/s:" in done.stdout, done.stdout
     assert [line.split()[0] for line in done.stdout.splitlines()
             if "s/step" in line and "tokens/s" in line] == ["torch", "flax"], done.stdout
+
+
+def test_memory_estimate_checkpointing_holds_less() -> None:
+    """memory_estimate --quick: both rows positive, and checkpointing holds fewer bytes
+    per block and in total than the plain forward (the two are measured, not set)."""
+    script = BENCH.parent / "memory_estimate.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line[:24].strip(): [float(x) for x in line[24:].split()[:7]]
+            for line in done.stdout.splitlines()
+            if line.startswith(("without checkpointing", "with checkpointing"))}
+    without, with_ = rows["without checkpointing"], rows["with checkpointing"]
+    per_block, total = 0, 5
+    assert 0 < with_[per_block] < without[per_block], done.stdout
+    assert 0 < with_[total] < without[total], done.stdout
+    # The optimizer state (column 4) is the same model's either way.
+    assert with_[4] == without[4] > 0, done.stdout
