@@ -65,12 +65,9 @@ def test_two_processes_match_one(reference, parallel, tmp_path):
     assert (out / "checkpoints" / "latest.json").is_file()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_resumed_two_process_run_matches_one(reference, parallel, tmp_path):
-    """Interrupt a 2-process run after step 2 and resume it: same weights as one process."""
-    cfg, single = reference
+def _interrupted_and_resumed(cfg, tmp_path, parallel: str, data=None):
+    """Run 2 processes under torchrun to a checkpoint at step 2 (folder `first`), then
+    resume from that checkpoint in folder `second`; returns both run folders."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first, second = tmp_path / "first", tmp_path / "second"
     for out, extra in ((first, ["--checkpoint-every", "2", "--keep-checkpoints", "3"]),
@@ -80,10 +77,22 @@ def test_resumed_two_process_run_matches_one(reference, parallel, tmp_path):
                             second / "checkpoints" / "step_00000002")
         args = _cli_args(cfg)
         args[args.index("--out") + 1] = str(out)
+        if data is not None:
+            args[args.index("--data") + 1] = str(data)
         command = [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m",
                    "soma_models.train", *args, *extra, "--parallel", parallel]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+    return first, second
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resumed_two_process_run_matches_one(reference, parallel, tmp_path):
+    """Interrupt a 2-process run after step 2 and resume it: same weights as one process."""
+    cfg, single = reference
+    _, second = _interrupted_and_resumed(cfg, tmp_path, parallel)
     resumed = _weights(second / "model.safetensors")
     for key in single:
         np.testing.assert_allclose(resumed[key], single[key], rtol=0, atol=1e-5, err_msg=key)
@@ -101,20 +110,7 @@ def test_two_processes_on_a_prepared_corpus_resume_to_one_process_weights(refere
     cfg, single = reference
     corpus = tmp_path / "corpus"
     prepare(cfg.data, corpus, shard_bytes=300, workers=1)  # several shards
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first, second = tmp_path / "first", tmp_path / "second"
-    for out, extra in ((first, ["--checkpoint-every", "2", "--keep-checkpoints", "3"]),
-                       (second, ["--resume"])):
-        if out is second:
-            shutil.copytree(first / "checkpoints" / "step_00000002",
-                            second / "checkpoints" / "step_00000002")
-        args = _cli_args(cfg)
-        args[args.index("--out") + 1] = str(out)
-        args[args.index("--data") + 1] = str(corpus)
-        command = [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m",
-                   "soma_models.train", *args, *extra, "--parallel", "ddp"]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _interrupted_and_resumed(cfg, tmp_path, "ddp", data=corpus)
     for out in (first, second):
         weights = _weights(out / "model.safetensors")
         for key in single:
