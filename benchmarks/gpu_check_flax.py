@@ -61,7 +61,7 @@ def training_step(config: ModelConfig, slices: int, rows: int, seq: int, bf16: b
     import optax
     from flax import nnx
 
-    from soma_models.train.flax_engine import apply_update, micro_gradients
+    from soma_models.train.flax_engine import apply_update, dropout_key, micro_gradients
     from soma_models.v1.flax.modules.model import Model
     from soma_models.v1.flax.modules.sig_reg import SIGReg
     from soma_models.v1.flax.train_step import decay_mask
@@ -70,10 +70,10 @@ def training_step(config: ModelConfig, slices: int, rows: int, seq: int, bf16: b
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.inject_hyperparams(optax.adamw)(
         learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=decay_mask)
-    state = {"params": params, "rest": rest, "opt": optimizer.init(params)}
+    state = {"params": params, "opt": optimizer.init(params)}
     grads_fn = jax.jit(functools.partial(micro_gradients, graphdef,
                                          SIGReg(SIGRegConfig(slices=slices)),
-                                         jnp.bfloat16 if bf16 else None))
+                                         jnp.bfloat16 if bf16 else None, rest))
     apply_fn = jax.jit(functools.partial(apply_update, optimizer), donate_argnums=(0, 1))
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 256, (rows, seq + 1)).astype(np.int32)
@@ -82,9 +82,10 @@ def training_step(config: ModelConfig, slices: int, rows: int, seq: int, bf16: b
              jnp.asarray(rng.standard_normal((config.embedding_dim, slices)),
                          dtype=jnp.float32))
     one, lr, clip = jnp.float32(1.0), jnp.float32(1e-4), jnp.float32(1.0)
+    key = jnp.asarray(dropout_key(1))
 
     def step() -> None:
-        grads, state["rest"], loss, _ = grads_fn(state["params"], state["rest"], *batch)
+        grads, loss, _ = grads_fn(state["params"], *batch, key)
         state["params"], state["opt"], _ = apply_fn(state["params"], state["opt"], grads,
                                                     one, lr, clip)
         block(loss)

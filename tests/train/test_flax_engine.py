@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 from soma_models.safetensors_io import SafetensorsFile  # noqa: E402
-from soma_models.train.errors import TrainConfigError  # noqa: E402
+from soma_models.train.errors import TrainConfigError, TrainError  # noqa: E402
 from soma_models.train.metrics import read_metrics  # noqa: E402
 from soma_models.train.trainer import Trainer, train  # noqa: E402
 from soma_models.v1.scoring import score  # noqa: E402
@@ -108,3 +112,108 @@ def test_torch_only_options_are_refused_in_one_line(corpus, tmp_path, field, val
         Trainer(flax_config(corpus, tmp_path / "run", **{field: value}))
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "run").exists()
+
+
+# --- several devices and several JAX processes --------------------------------------
+
+RUN = textwrap.dedent("""
+    import json, sys
+    import jax
+    from soma_models.train.trainer import TrainConfig, train
+
+    result = train(TrainConfig(**json.loads(sys.argv[1])))
+    print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()),
+                      "step": result.step}))
+""")
+
+
+def _launch(cfg, processes=1, devices=1, port=None):
+    """`train(cfg)` in fresh JAX processes (each with `devices` CPU devices); returns them."""
+    from dataclasses import asdict
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "XLA_FLAGS")}
+    base.update(JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    args = [sys.executable, "-c", RUN, json.dumps(asdict(cfg))]
+    if processes == 1:
+        return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=base)]
+    return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                  "JAX_NUM_PROCESSES": str(processes),
+                                  "JAX_PROCESS_ID": str(rank)})
+            for rank in range(processes)]
+
+
+def _finish(workers):
+    outputs = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    return outputs
+
+
+def _records(run):
+    return {(r["kind"], r["step"]): r for r in read_metrics(run / "metrics.jsonl")}
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_devices_and_two_processes_train_as_one_device(corpus, tmp_path):
+    """The same run (dropout, accumulation, a curriculum whose one-row micro-batches
+    cannot split over the mesh, evaluation, checkpoints, the exact score) on one CPU
+    device, on two devices of one process, and on two JAX processes joined from the
+    environment (process 0 writes): the same metrics and weights within float32 rounding.
+    The two-device run resumes from the one-device run's step-3 checkpoint."""
+    common = dict(steps=5, checkpoint_every=3, eval_every=3, dropout=0.1, micro_batch_size=2,
+                  final_seq_len=64, final_steps=2)
+    one = flax_config(corpus, tmp_path / "one", **common)
+    _finish(_launch(one))
+    shutil.copytree(tmp_path / "one" / "checkpoints" / "step_00000003",
+                    tmp_path / "two_devices" / "checkpoints" / "step_00000003")
+    workers = _launch(flax_config(corpus, tmp_path / "two_devices", resume=True, **common),
+                      devices=2)
+    workers += _launch(flax_config(corpus, tmp_path / "two_processes", **common),
+                       processes=2, port=_free_port())
+    reports = _finish(workers)
+    assert [(r["process"], r["devices"], r["step"]) for r in reports] == [
+        (0, 2, 5), (0, 2, 5), (1, 2, 5)]
+
+    expected, weights = _records(tmp_path / "one"), load_file(tmp_path / "one" /
+                                                               "model.safetensors")
+    assert expected[("eval", 5)]["score"] > 0
+    for run in ("two_devices", "two_processes"):
+        records = _records(tmp_path / run)
+        steps = [key for key in expected if run == "two_processes" or key[1] > 3]
+        assert set(steps) <= set(records), run
+        for key in steps:
+            for field in ("loss", "train_ce", "grad_norm", "val_ce", "score"):
+                if field in expected[key]:
+                    assert records[key][field] == pytest.approx(expected[key][field],
+                                                                rel=2e-6), (run, key, field)
+        got = load_file(tmp_path / run / "model.safetensors")
+        for key in weights:
+            np.testing.assert_allclose(got[key], weights[key], rtol=0, atol=5e-6,
+                                       err_msg=f"{run} {key}")
+    assert sorted(p.name for p in (tmp_path / "two_processes" / "checkpoints").iterdir()
+                  if p.is_dir()) == ["step_00000003", "step_00000005"]
+
+
+def test_a_micro_batch_the_mesh_cannot_split_is_refused_in_one_line(corpus, tmp_path):
+    from soma_models.train.flax_engine import FlaxEngine
+
+    engine = FlaxEngine()
+    engine.mesh_size = 4  # as on a mesh of four devices
+    cfg = flax_config(corpus, tmp_path / "run", micro_batch_size=2)
+    with pytest.raises(TrainError, match="^--micro-batch-size 2: the rows of a micro-batch "
+                                         "are split over the mesh's 4 devices; give a "
+                                         "multiple of 4$"):
+        engine.build(cfg, cfg.model_config())

@@ -200,11 +200,11 @@ class OptimiserSettings:
                          help="optimizer steps (default {default})")
     batch_size: int = setting(16, rule=at_least(1), parser="positive_int",
                               help="global batch in sequences (default {default})")
-    # Per process; None: batch_size / world_size. Changes float summation order only.
+    # Per process (Flax: per mesh, its world_size is 1); None: batch_size / world_size.
     micro_batch_size: int | None = setting(
         None, rule=at_least(1), resume=True, parser="positive_int",
-        help="sequences per forward pass per process (default: batch / processes); gradients "
-             "accumulate over the rest")
+        help="sequences per forward pass per process (Flax: over all its devices; default: "
+             "batch / processes); gradients accumulate over the rest")
     lr: float = setting(1e-3, rule=POSITIVE, help="peak learning rate (default {default})")
     min_lr_ratio: float = setting(0.1, rule=Rule("float", 0.0, 1.0),
                                   help="final lr / peak (default {default})")

@@ -7,8 +7,13 @@ is an engine, which the trainer drives; `torch_engine.TorchEngine` is torch's an
 `flax_engine.FlaxEngine` Flax's (`TrainConfig.framework` picks one; any other engine
 plugs in as `Trainer(cfg, engine=...)`).
 
-Processes are the engine's (torchrun's or JAX's): rank 0 writes every file; the trainer
-calls the collective methods (marked below) on every rank, in the same order.
+Processes are the engine's (torchrun's or JAX's): the main process writes every file; the
+trainer calls the collective methods (marked below) on every process, in the same order.
+`rank` / `world_size` are how the trainer splits a step's micro-batches (global
+micro-batch `m` goes to rank `m % world_size`): under torch, one share per process; under
+Flax, one share in all (rank 0 of 1), since its mesh spans every process's devices and
+splits the rows of each micro-batch itself, each process reading its block of rows
+(`local_rows`).
 
 `plain` below is the engine's plain, unsharded model with the current weights: what
 `soma_models.v1.scoring.score` takes, and what is saved as the canonical weights file.
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -27,12 +32,20 @@ from soma_models.v1.configs import ModelConfig
 from soma_models.v1.tokenizer import ArrayBatch
 
 
+class MicroBatch(NamedTuple):
+    """One micro-batch of a step, as one process sees it."""
+
+    index: int          # global micro-batch index within the step (seeds its randomness)
+    rows: int           # its rows in all (over every process)
+    batch: ArrayBatch   # the rows of it this process read (`Engine.local_rows`), [R', S]
+
+
 class Engine(Protocol):
     """A framework's half of a training run."""
 
-    rank: int
-    world_size: int
-    is_main: bool           # rank 0
+    rank: int               # this process's share of each step's micro-batches
+    world_size: int         # the number of shares
+    is_main: bool           # the process that writes files (process 0)
     module: Any             # the training module (what `Trainer.module` shows)
     optimizer: Any
 
@@ -55,14 +68,18 @@ class Engine(Protocol):
         the optimizer (AdamW groups of the library's train_step) and SIGReg."""
 
     # ------------------------------------------------------------ the step
-    def backward(self, micro_batches: Sequence[tuple[int, ArrayBatch]],
-                 step: int) -> tuple[float, float]:
+    def local_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Of a micro-batch's chunk indices `[R]`, those this process reads, in order (all
+        of them, unless the engine spreads one micro-batch over several processes)."""
+
+    def backward(self, micro_batches: Sequence[MicroBatch], step: int) -> tuple[float, float]:
         """Forward and backward of this process's micro-batches of optimizer step `step`,
-        each `(global micro-batch index, rows [R, S])`, gradients accumulated (each loss
-        divided by their number) and synced across processes after the last. Randomness
-        (dropout, SIGReg noise and positions) is a function of `(cfg.seed, step, index)`
-        (`schedule.micro_seed`). Returns the sums of the losses and of the cross-entropy
-        sums over the micro-batches."""
+        gradients accumulated (each loss divided by their number) and synced across
+        processes after the last. Randomness (dropout, SIGReg noise and positions) is a
+        function of `(cfg.seed, step, index)` (`schedule.micro_seed`). Returns the sum of
+        the micro-batches' losses and the sum of the cross-entropy sums of the rows this
+        process read (so that `all_reduce_mean` of them and of the token counts gives
+        the global cross-entropy per token)."""
 
     def update(self, lr: float, before_step: Callable[[float], None]) -> float:
         """Apply the accumulated gradients at rate `lr` after clipping to `cfg.grad_clip`

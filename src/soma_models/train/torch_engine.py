@@ -19,6 +19,7 @@ import torch
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import distributed as distrib
 from soma_models.train.config import TrainConfig
+from soma_models.train.engine import MicroBatch
 from soma_models.train.errors import TrainConfigError, TrainError
 from soma_models.train.schedule import micro_seed
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
@@ -101,16 +102,20 @@ class TorchEngine:
                             for p in group["params"]]
 
     # ------------------------------------------------------------ the step
-    def backward(self, micro_batches: Sequence[tuple[int, ArrayBatch]],
-                 step: int) -> tuple[float, float]:
-        """Forward and backward of this process's micro-batches `(global index, rows)` of
-        optimizer step `step` (`train_step.backward`, the library's step), gradients synced
-        on the last one; returns the sums of their losses and cross-entropy sums."""
+    @staticmethod
+    def local_rows(rows: np.ndarray) -> np.ndarray:
+        """All of them: a process computes its micro-batches whole."""
+        return rows
+
+    def backward(self, micro_batches: Sequence[MicroBatch], step: int) -> tuple[float, float]:
+        """Forward and backward of this process's micro-batches of optimizer step `step`
+        (`train_step.backward`, the library's step), gradients synced on the last one;
+        returns the sums of their losses and cross-entropy sums."""
         loss_total, ce_total = 0.0, 0.0
         accumulation = len(micro_batches)
-        for i, (micro, batch) in enumerate(micro_batches):
+        for i, micro in enumerate(micro_batches):
             with self.strategy.gradient_sync(self.module, i == accumulation - 1):
-                loss, ce_sum = self._micro_batch(batch, step, micro, accumulation)
+                loss, ce_sum = self._micro_batch(micro.batch, step, micro.index, accumulation)
             loss_total += loss
             ce_total += ce_sum
         return loss_total, ce_total

@@ -55,10 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import config
 from soma_models.train.config import TrainConfig
-from soma_models.train.engine import Engine
+from soma_models.train.engine import Engine, MicroBatch
 from soma_models.train.data import (
     ChunkStream,
     ChunkTable,
@@ -273,7 +275,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over one global batch: global micro-batch `m` goes to rank
-        `m % world_size`."""
+        `m % world_size`, and each process reads the rows of it the engine asks for
+        (`engine.local_rows`)."""
         cfg, engine = self.cfg, self.engine
         self._snapshot = None  # the weights are about to change
         lr = learning_rate(self.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -286,11 +289,12 @@ class Trainer:
         # The next step's rows are known already: have them read while this step computes.
         upcoming = step_share(phase.stream.peek(phase.batch_size), engine.rank,
                               engine.world_size, phase.micro_batch_size)
-        phase.table.prefetch(upcoming)
-        micro_batches = [(a * engine.world_size + engine.rank, phase.table.rows(rows))
+        phase.table.prefetch(np.concatenate([engine.local_rows(rows) for rows in upcoming]))
+        micro_batches = [MicroBatch(a * engine.world_size + engine.rank, len(rows),
+                                    phase.table.rows(engine.local_rows(rows)))
                          for a, rows in enumerate(shares)]
         loss_total, ce_total = engine.backward(micro_batches, self.step)
-        token_total = sum(batch.num_data_tokens for _, batch in micro_batches)
+        token_total = sum(micro.batch.num_data_tokens for micro in micro_batches)
         loss_mean, ce_sum_all, tokens_all = engine.all_reduce_mean(
             [loss_total / phase.accumulation, ce_total, float(token_total)])
         grad_norm = engine.update(lr, before_step=lambda norm: self._check_finite(loss_mean,
