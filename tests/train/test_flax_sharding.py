@@ -88,10 +88,11 @@ def test_torchrun_environment():
     from soma_models.train.flax_sharding import distributed_settings
 
     env = {"MASTER_ADDR": "node0", "MASTER_PORT": "4000", "WORLD_SIZE": "2", "RANK": "1"}
-    assert distributed_settings(env) == {"coordinator_address": "node0:4000",
+    # torchrun's store holds MASTER_PORT; JAX's coordinator listens on the next port.
+    assert distributed_settings(env) == {"coordinator_address": "node0:4001",
                                          "num_processes": 2, "process_id": 1}
     del env["MASTER_PORT"]
-    assert distributed_settings(env)["coordinator_address"] == "node0:29500"
+    assert distributed_settings(env)["coordinator_address"] == "node0:29501"
 
 
 def test_launchers_jax_detects_itself():
@@ -108,6 +109,8 @@ def test_launchers_jax_detects_itself():
     ({"MASTER_ADDR": "h", "WORLD_SIZE": "2"}, "neither JAX_PROCESS_ID nor RANK"),
     ({"MASTER_ADDR": "h", "WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: expected an index below"),
     ({"MASTER_ADDR": "h", "WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1': expected an integer"),
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "x", "WORLD_SIZE": "2", "RANK": "0"},
+     "MASTER_PORT='x': expected an integer >= 1"),
 ])
 def test_bad_environments_are_one_line_errors(env, message):
     from soma_models.train.flax_sharding import distributed_settings

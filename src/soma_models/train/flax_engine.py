@@ -180,7 +180,7 @@ class FlaxEngine:
         try:
             self.joined = (not jax.distributed.is_initialized()
                            and initialize_from_env())
-        except ValueError as exc:  # a bad JAX_* / torchrun variable: one line naming it
+        except (ValueError, RuntimeError) as exc:  # a bad variable, or no coordinator
             raise TrainError(str(exc)) from None
         self.process, self.processes = jax.process_index(), jax.process_count()
         self.is_main = self.process == 0

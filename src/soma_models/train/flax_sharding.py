@@ -70,7 +70,8 @@ def distributed_settings(environ: Mapping[str, str] | None = None) -> dict | Non
     JAX detect a SLURM or Open MPI launch itself, or None for a single process.
 
     Read, JAX's names first, then torchrun's: the coordinator `JAX_COORDINATOR_ADDRESS`
-    (host:port) or `MASTER_ADDR` (+ `MASTER_PORT`, default 29500); the number of processes
+    (host:port) or `MASTER_ADDR` (JAX's coordinator at port `MASTER_PORT` + 1, since
+    torchrun's store holds `MASTER_PORT`, default 29500); the number of processes
     `JAX_NUM_PROCESSES` or `WORLD_SIZE`; this process's index `JAX_PROCESS_ID` or `RANK`.
     One process (count 1, or no coordinator and no count) is None. A bad value is a
     one-line ValueError naming the variable.
@@ -102,7 +103,9 @@ def distributed_settings(environ: Mapping[str, str] | None = None) -> dict | Non
                          f"index below the process count {processes}")
     address = coordinator[1]
     if coordinator[0] == "MASTER_ADDR":
-        address = f"{address}:{environ.get('MASTER_PORT') or 29500}"
+        # torchrun's own store listens on MASTER_PORT: JAX's coordinator takes the next one.
+        port = _count(("MASTER_PORT", environ.get("MASTER_PORT") or "29500"), 1)
+        address = f"{address}:{port + 1}"
     return {"coordinator_address": address, "num_processes": processes,
             "process_id": process_id}
 
@@ -110,14 +113,20 @@ def distributed_settings(environ: Mapping[str, str] | None = None) -> dict | Non
 def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """`jax.distributed.initialize` with `distributed_settings(environ)`; call it before
     anything else touches JAX. Returns whether this is a multi-process run (False: one
-    process, nothing to join)."""
+    process, nothing to join). A failure to join is a one-line RuntimeError."""
     settings = distributed_settings(environ)
     if settings is None:
         return False
     # CPU devices of different processes talk through gloo (JAX's CPU default has no
     # cross-process collectives); GPUs and TPUs are not affected by this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**settings)
+    try:
+        jax.distributed.initialize(**settings)
+    except Exception as exc:  # JAX's runtime errors span lines; the launch needs one
+        where = (f" with coordinator {settings['coordinator_address']} (process "
+                 f"{settings['process_id']} of {settings['num_processes']})" if settings else "")
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise RuntimeError(f"jax.distributed.initialize failed{where}: {reason}") from exc
     return True
 
 
