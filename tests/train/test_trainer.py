@@ -71,6 +71,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path)
     assert [r["seq_len"] for r in records] == [32, 64, 64, 64]
     assert records[-1]["tokens"] == 8 * 4 * 32  # the curriculum keeps tokens per step
 
+    # A checkpoint written before streams had a state recorded each phase's position
+    # alone (an integer): it resumes to the same weights.
+    old = tmp_path / "old_format" / "checkpoints" / "step_00000004"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000004", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    state["data_position"] = [phase["position"] for phase in state["data_position"]]
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    from_old = train(small_config(corpus, tmp_path / "old_format", resume=True, **common))
+    c = weights(from_old.weights)
+    for key in a:
+        np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+
 
 def test_gradient_accumulation_matches_one_large_batch(corpus, tmp_path):
     """Four accumulated micro-batches of one sequence equal one batch of four: each
