@@ -417,8 +417,9 @@ def test_debug_flag_and_variable_add_the_traceback_after_the_line(files, tmp_pat
     plain = run(*args, ok=False)
     assert plain.returncode == 1
     assert_one_line_error(plain.stderr, "empty")
-    for debug_args, env in ((["--debug"], {}), ([], {"SOMA_MODELS_DEBUG": "1"})):
-        result = subprocess.run([sys.executable, "-m", "soma_models", *debug_args, *args],
+    for command, env in ((["--debug", *args], {}), ([*args, "--debug"], {}),
+                         (args, {"SOMA_MODELS_DEBUG": "1"})):
+        result = subprocess.run([sys.executable, "-m", "soma_models", *command],
                                 capture_output=True, text=True, timeout=300, check=False,
                                 env={**os.environ, **env})
         assert result.returncode == 1

@@ -20,6 +20,7 @@ with a `register(subparsers)` function; adding one is adding it to `FAMILIES`.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,11 @@ def build_parser(command: str | None = None) -> Parser:
     for family in FAMILIES:
         family.register(sub)
     training.register(sub, command)
+    # `--debug` is also taken after the command (`soma-models score --debug ...`);
+    # SUPPRESS keeps a subcommand from resetting the top-level flag when it is absent.
+    for command_parser in sub.choices.values():
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help=DEBUG_HELP)
     return parser
 
 
