@@ -16,6 +16,10 @@ Sections:
   kernels  where the screening gap lies: one float32 cos over a [4096, 256] array, and
            SIGReg's per-position values (256 slices, 17 points) of `[rows, 1024, D]`
            representations, XLA against torch, alternated.
+  profile  one screening pass of each backend under its profiler (jax.profiler's perfetto
+           trace of XLA:CPU's thunks, each fusion named through the compiled HLO's stack
+           frames; torch.profiler with stacks), time grouped by the innermost function of
+           ours (or the library's) each kernel comes from: where the time goes, side by side.
   precision  what our exactness costs on XLA:CPU: the Flax step as the library compiles
            it (every matmul `Precision.HIGHEST`, true divisions behind an optimisation
            barrier) against the same step with DEFAULT precision, and also without the
@@ -26,9 +30,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
+import gzip
+import json
 import os
+import re
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +121,10 @@ def step_section(sizes: dict) -> float:
     return ratio
 
 
-def screen_section(sizes: dict) -> float:
+def _screening_inputs(sizes: dict) -> tuple[list[Path], list[bytes], np.ndarray]:
+    """(3 model files of the screening preset, the samples, one target embedding)."""
     from soma_models.v1.configs import preset
     from soma_models.v1.initialization import write_initial_weights
-    from soma_models.v1.screening import Screener
 
     folder = Path(tempfile.mkdtemp(prefix="soma-bench-flax-"))
     paths = []
@@ -127,6 +136,13 @@ def screen_section(sizes: dict) -> float:
     samples = [rng.integers(0, 256, int(rng.integers(512, 4096)), dtype=np.uint8).tobytes()
                for _ in range(sizes["samples"])]
     targets = rng.standard_normal((1, preset(sizes["screen_preset"]).embedding_dim))
+    return paths, samples, targets
+
+
+def screen_section(sizes: dict) -> float:
+    from soma_models.v1.screening import Screener
+
+    paths, samples, targets = _screening_inputs(sizes)
     groups = np.array_split(np.arange(len(samples)), sizes["groups"])
     seconds = {"torch": 0.0, "flax": 0.0}
     losses: dict[str, list] = {"torch": [], "flax": []}
@@ -218,6 +234,145 @@ def precision_section(sizes: dict) -> None:
               f"{ours / min(seconds):.2f}x")
 
 
+# The Flax backend's compiled screening functions, the ones `--sections profile` names.
+PROFILED_MODULES = "jit__row_forward|jit__sig_reg_rows"
+OURS = f"soma_models{os.sep}v1{os.sep}"
+
+
+def _share(frames: list[tuple[str, str]]) -> str:
+    """Which part of the screening pass a kernel belongs to, from its Python stack
+    `[(file, function)]`, innermost first."""
+    files = [os.path.basename(f) for f, _ in frames if OURS in f]
+    functions = [fn for f, fn in frames if OURS in f]
+    if "sig_reg.py" in files:
+        return "SIGReg"
+    if "loss.py" in files:
+        return "cross-entropy"
+    if any(fn.endswith("predict") for fn in functions):
+        return "predictor"
+    if "encoder.py" in files:
+        return "encoder layers"
+    return "embedding, final norm, other"
+
+
+def _label(frames: list[tuple[str, str]], op: str) -> str:
+    """'innermost function of ours < innermost function: op' for a kernel's stack."""
+    ours = next((fn for f, fn in frames if OURS in f), "?")
+    inner = frames[0][1] if frames else "?"
+    where = ours if inner == ours else f"{ours} < {inner}"
+    return f"{where}: {op}"
+
+
+def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
+    """(module, HLO op) -> (Python stack `[(file, function)]` innermost first, primitive),
+    read from the compiled modules XLA dumped (the stack-frame tables after the module)."""
+    ops = {}
+    for path in glob.glob(os.path.join(dump, "*.cpu_after_optimizations.txt")):
+        text = Path(path).read_text()
+        module = text.split(",", 1)[0].split()[1]
+        tables = {}
+        for table in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            found = re.search(rf"^{table}\n(.*?)\n\n", text, re.S | re.M)
+            rows = found.group(1).splitlines() if found else []
+            tables[table] = dict(row.split(" ", 1) for row in rows)
+
+        def field(row: str, key: str) -> str:
+            return re.search(rf"{key}=(\d+)", row).group(1)
+
+        def stack(frame: str) -> list[tuple[str, str]]:
+            frames, seen = [], set()
+            while frame in tables["StackFrames"] and frame not in seen:
+                seen.add(frame)
+                row = tables["StackFrames"][frame]
+                location = tables["FileLocations"][field(row, "file_location_id")]
+                frames.append((tables["FileNames"][field(location, "file_name_id")].strip('"'),
+                               tables["FunctionNames"][field(location, "function_name_id")]
+                               .strip('"')))
+                # The printed parent id is one more than the parent's label (0: none).
+                frame = str(int(field(row, "parent_frame_id")) - 1)
+            return frames
+
+        instruction = (r"^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name=\"([^\"]*)\""
+                       r"(?: stack_frame_id=(\d+))?")
+        for name, op_name, frame in re.findall(instruction, text, re.M):
+            ops[(module, name)] = (stack(frame) if frame else [], op_name.rsplit("/", 1)[-1])
+    return ops
+
+
+def profile_section(sizes: dict, dump: str | None) -> None:
+    import jax
+    import torch
+
+    from soma_models.v1.screening import Screener
+
+    paths, samples, targets = _screening_inputs(sizes)
+    named = [(str(i), sample) for i, sample in enumerate(samples[:sizes["groups"] * 2])]
+    screeners = {name: Screener(paths, targets, framework=name, seed=0)
+                 for name in ("flax", "torch")}
+    for screener in screeners.values():
+        list(screener.screen(named))                     # compile, warm up, load weights
+    trace_dir = tempfile.mkdtemp(prefix="soma-bench-flax-trace-")
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        list(screeners["flax"].screen(named))
+    flax_wall = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                with_stack=True) as prof:
+        list(screeners["torch"].screen(named))
+    torch_wall = time.perf_counter() - start
+
+    stacks = _hlo_op_stacks(dump) if dump else {}
+    trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
+                                          recursive=True)[0]))
+    flax_rows: Counter = Counter()
+    flax_shares: Counter = Counter()
+    for event in trace["traceEvents"]:
+        args = event.get("args", {})
+        op, module = args.get("hlo_op"), args.get("hlo_module")
+        # Control flow (while, conditional, call) only waits for the kernels it runs.
+        if event.get("ph") != "X" or op is None or re.match(r"(while|cond|call)", op):
+            continue
+        frames, primitive = stacks.get((module, op), ([], op))
+        kind = "dot (YNNPACK)" if op.startswith("ynn_fusion") else op.split(".")[0]
+        flax_rows[_label(frames, f"{primitive} [{kind}]")] += event["dur"] / 1e6
+        flax_shares[_share(frames)] += event["dur"] / 1e6
+    torch_rows: Counter = Counter()
+    torch_shares: Counter = Counter()
+    python_frame = re.compile(r"(.*)\((\d+)\): (.*)")
+    for event in prof.events():
+        if python_frame.match(event.name) or event.name.startswith("<"):
+            continue                           # Python functions: the ops carry the time
+        frames, parent = [], event.cpu_parent
+        while parent is not None:
+            found = python_frame.match(parent.name)
+            if found:
+                frames.append((found.group(1), found.group(3)))
+            parent = parent.cpu_parent
+        torch_rows[_label(frames, event.name)] += event.self_cpu_time_total / 1e6
+        torch_shares[_share(frames)] += event.self_cpu_time_total / 1e6
+
+    print(f"\n== profile: one screening pass over {len(named)} samples, 3 "
+          f"`{sizes['screen_preset']}` models, each backend under its profiler ==")
+    print(f"wall: flax {flax_wall:.2f} s, torch {torch_wall:.2f} s (profilers on); kernel "
+          f"time: XLA thunks {sum(flax_rows.values()):.2f} s, torch ops (self) "
+          f"{sum(torch_rows.values()):.2f} s")
+    for name, rows, what in (("XLA:CPU", flax_rows, "primitive [fusion]"),
+                             ("torch", torch_rows, "op")):
+        total = sum(rows.values()) or 1.0
+        print(f"\n{name}: top kernels by time (innermost function of ours < innermost "
+              f"function: {what})")
+        for label, seconds in rows.most_common(12):
+            print(f"  {seconds:7.3f} s {100 * seconds / total:5.1f}%  {label}")
+    print("\nsplit by part of the pass   flax s  share   torch s  share   flax / torch time")
+    for part in ("encoder layers", "SIGReg", "predictor", "cross-entropy",
+                 "embedding, final norm, other"):
+        f, t = flax_shares[part], torch_shares[part]
+        print(f"  {part:<28} {f:6.2f} {100 * f / sum(flax_shares.values()):5.1f}%  "
+              f"{t:7.2f} {100 * t / sum(torch_shares.values()):5.1f}%   "
+              f"{f / t if t else float('nan'):5.2f}x")
+
+
 def kernels_section(sizes: dict) -> None:
     import jax
     import jax.numpy as jnp
@@ -265,21 +420,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
-    parser.add_argument("--sections", default="step,screen,kernels,precision")
+    parser.add_argument("--sections", default="step,screen,kernels,precision",
+                        help="comma-separated: step, screen, kernels, profile, precision")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    sections = set(args.sections.split(","))
+    dump = None
+    if "profile" in sections:
+        # Before JAX starts: XLA writes the screening modules it compiles, with the Python
+        # stack of every op, so that the profile can name each fusion.
+        dump = tempfile.mkdtemp(prefix="soma-bench-flax-hlo-")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+                                   f" --xla_dump_hlo_module_re={PROFILED_MODULES}").strip()
     import jax
     import torch
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
           f"{jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores")
-    sections = set(args.sections.split(","))
     if "step" in sections:
         step_section(sizes)
     if "screen" in sections:
         screen_section(sizes)
     if "kernels" in sections:
         kernels_section(sizes)
+    if "profile" in sections:
+        profile_section(sizes, dump)
     if "precision" in sections:
         precision_section(sizes)
 

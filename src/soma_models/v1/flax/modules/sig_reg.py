@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from soma_models.v1.configs import SIGRegConfig
-from soma_models.v1.flax.numerics import HIGHEST, exact_divide
+from soma_models.v1.flax.numerics import HIGHEST, exact_divide, sin_cos
 from soma_models.v1.noise import quadrature
 
 # Positions per chunk: [chunk, slices] float32 temporaries stay around 16 MB at 1024 slices.
@@ -23,9 +23,9 @@ POSITIONS_PER_CHUNK = 4096
 
 def _point_term(p: jax.Array, t_j: jax.Array, phi_j: jax.Array, w_j: jax.Array) -> jax.Array:
     """w_j ((c_j - phi_j)^2 + z_j^2) per position, c_j / z_j = mean over slices of cos / sin."""
-    pt = p * t_j
-    c = jnp.cos(pt).mean(axis=-1)
-    z = jnp.sin(pt).mean(axis=-1)
+    sin_pt, cos_pt = sin_cos(p * t_j)
+    c = cos_pt.mean(axis=-1)
+    z = sin_pt.mean(axis=-1)
     return w_j * ((c - phi_j) ** 2 + z * z)
 
 
