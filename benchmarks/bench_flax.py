@@ -13,9 +13,10 @@ Sections:
            first-step losses must agree (rtol 1e-4) before any speed is reported.
   screen   `Screener.screen` over the same samples and models with the torch and the Flax
            backend, alternated in groups; losses must agree (rtol 1e-5).
-  kernels  where the screening gap lies: one float32 cos over a [4096, 256] array, and
+  kernels  where the screening gap lay: one float32 cos over a [4096, 256] array, and
            SIGReg's per-position values (256 slices, 17 points) of `[rows, 1024, D]`
-           representations, XLA against torch, alternated.
+           representations, with our `sin_cos` and with XLA's own sin and cos, XLA
+           against torch, alternated.
   profile  one screening pass of each backend under its profiler (jax.profiler's perfetto
            trace of XLA:CPU's thunks, each fusion named through the compiled HLO's stack
            frames; torch.profiler with stacks), time grouped by the innermost function of
@@ -389,14 +390,28 @@ def kernels_section(sizes: dict) -> None:
     noise = rng.standard_normal((dim, 256)).astype(np.float32)
     config = SIGRegConfig(slices=256)
     xla_cos = jax.jit(jnp.cos)
-    xla_sig_reg = jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config))
     j_angles, j_reps, j_noise = (jnp.asarray(a) for a in (angles, reps, noise))
+    xla_sig_reg = jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config))
+    # The same SIGReg compiled with XLA's own sin and cos (what it used before sin_cos):
+    # the module's name swapped while this one function is traced and compiled.
+    ours = flax_sig_reg.sin_cos
+    flax_sig_reg.sin_cos = lambda x: (jnp.sin(x), jnp.cos(x))
+    try:
+        xla_trig_sig_reg = jax.jit(
+            lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config)
+        ).lower(j_reps, j_noise).compile()
+    finally:
+        flax_sig_reg.sin_cos = ours
     t_angles, t_reps, t_noise = (torch.from_numpy(a) for a in (angles, reps, noise))
     work = {
         ("cos [4096, 256]", "xla"): lambda: jax.block_until_ready(xla_cos(j_angles)),
         ("cos [4096, 256]", "torch"): lambda: torch.cos(t_angles),
         ("SIGReg values [4, 1024]", "xla"):
             lambda: jax.block_until_ready(xla_sig_reg(j_reps, j_noise)),
+        ("SIGReg values, XLA sin/cos", "xla"):
+            lambda: jax.block_until_ready(xla_trig_sig_reg(j_reps, j_noise)),
+        ("SIGReg values, XLA sin/cos", "torch"):
+            lambda: torch_sig_reg.sig_reg_position_values(t_reps, t_noise, config),
         ("SIGReg values [4, 1024]", "torch"):
             lambda: torch_sig_reg.sig_reg_position_values(t_reps, t_noise, config),
     }
