@@ -8,7 +8,8 @@ the loss of `soma_models.v1.torch.loss`, with its optimizer groups and bf16 poli
 
 Determinism. Every source of randomness is a function of `(seed, step, micro-batch)`:
 the chunk order (one seeded permutation per epoch), the dropout masks (torch's RNG is
-re-seeded before each micro-batch) and the SIGReg noise (its own seeded generator).
+re-seeded before each micro-batch; Flax's dropout streams restart from a key of their
+own) and the SIGReg noise (its own seeded generator).
 Hence
 
 * an interrupted run resumed from a checkpoint ends with the same weights as an
