@@ -96,6 +96,18 @@ def test_loaded_model_computes_the_same(model: Model) -> None:
                                   np.asarray(_forward(loaded, TOKENS)))
 
 
+def test_models_loaded_with_the_same_config_share_no_parameter(model: Model) -> None:
+    """Loading builds every model from one cached shape-only model: each load must still
+    get parameters of its own."""
+    arrays = canonical_arrays(model)
+    other = {key: value + 1.0 for key, value in arrays.items()}
+    first, second = Model.from_arrays(arrays, CONFIG), Model.from_arrays(other, CONFIG)
+    for key, value in canonical_arrays(first).items():
+        np.testing.assert_array_equal(value, arrays[key])
+    for key, value in canonical_arrays(second).items():
+        np.testing.assert_array_equal(value, other[key])
+
+
 def test_heads_come_from_metadata_or_the_explicit_config(tmp_path: Path) -> None:
     config = ModelConfig(embedding_dim=16, pwff_hidden_dim=8, num_layers=1, num_heads=2)
     rng = np.random.default_rng(1)

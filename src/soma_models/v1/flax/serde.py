@@ -21,6 +21,7 @@ deserialize any module in place, by attribute path; see `soma_models.v1.serde`),
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -107,10 +108,18 @@ def from_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig | None = N
     return _build(arrays, config, rngs, model_cls)
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_model(model_cls: type[ModelT], config: ModelConfig) -> ModelT:
+    """`model_cls(config)` traced for its shapes only. Never handed out: `_build` clones it
+    (tracing the constructor costs ~0.2 s for a `small` model, a clone a few ms, and
+    screening loads many models)."""
+    return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+
+
 def _build(arrays: Mapping[str, np.ndarray], config: ModelConfig, rngs: nnx.Rngs | None,
            model_cls: type[ModelT]) -> ModelT:
     """A `model_cls` of `config` whose parameters are already-checked canonical arrays."""
-    model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    model = nnx.clone(_abstract_model(model_cls, config))
     for spec in param_specs(config):
         variable = flax_variable(model, spec)
         array = np.asarray(arrays[spec.key], dtype=np.float32).reshape(variable.shape)
