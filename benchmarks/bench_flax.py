@@ -277,9 +277,15 @@ def _label(frames: list[tuple[str, str]], op: str) -> str:
     return f"{where}: {op}"
 
 
+# The HLO opcodes that name a fusion (elementwise arithmetic and data movement do not).
+HEAVY_OPS = ("dot", "convolution", "reduce", "reduce-window", "exponential", "log", "sine",
+             "cosine", "tanh", "erf", "rsqrt", "sqrt", "divide", "gather", "custom-call")
+
+
 def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
-    """(module, HLO op) -> (Python stack `[(file, function)]` innermost first, primitive),
-    read from the compiled modules XLA dumped (the stack-frame tables after the module)."""
+    """(module, HLO op) -> (Python stack `[(file, function)]` innermost first, what it
+    computes: a JAX primitive, or a fusion's heavy HLO ops), read from the compiled modules
+    XLA dumped (the stack-frame tables after the module)."""
     ops = {}
     for path in glob.glob(os.path.join(dump, "*.cpu_after_optimizations.txt")):
         text = Path(path).read_text()
@@ -306,10 +312,33 @@ def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
                 frame = str(int(field(row, "parent_frame_id")) - 1)
             return frames
 
-        instruction = (r"^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name=\"([^\"]*)\""
-                       r"(?: stack_frame_id=(\d+))?")
-        for name, op_name, frame in re.findall(instruction, text, re.M):
-            ops[(module, name)] = (stack(frame) if frame else [], op_name.rsplit("/", 1)[-1])
+        # Every instruction: (name, opcode, called computation, JAX op name, frame id).
+        instruction = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\((.*)$")
+        computations: dict[str, list[tuple[str, str, str, str, str]]] = {}
+        for header, body in re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)\n\}", text,
+                                       re.M | re.S):
+            rows = computations.setdefault(header, [])
+            for line in body.splitlines():
+                found = instruction.match(line)
+                if not found:
+                    continue
+                name, opcode, rest = found.groups()
+                calls = re.search(r"calls=%([\w.-]+)", rest)
+                op_name = re.search(r'op_name="([^"]*)"', rest)
+                frame = re.search(r"stack_frame_id=(\d+)", rest)
+                rows.append((name, opcode, calls.group(1) if calls else "",
+                             op_name.group(1).rsplit("/", 1)[-1] if op_name else opcode,
+                             frame.group(1) if frame else ""))
+        for rows in computations.values():
+            for name, opcode, calls, primitive, frame in rows:
+                # A fusion is named by what it computes: the heavy ops inside it, and the
+                # stack of its first dot (else of its first heavy op, else its own).
+                inside = [row for row in computations.get(calls, []) if row[1] in HEAVY_OPS]
+                inside.sort(key=lambda row: row[1] != "dot")
+                if inside:
+                    primitive = "+".join(dict.fromkeys(row[1] for row in inside))
+                    frame = inside[0][4] or frame
+                ops[(module, name)] = (stack(frame) if frame else [], primitive)
     return ops
 
 
@@ -404,17 +433,23 @@ def kernels_section(sizes: dict) -> None:
     config = SIGRegConfig(slices=256)
     xla_cos = jax.jit(jnp.cos)
     j_angles, j_reps, j_noise = (jnp.asarray(a) for a in (angles, reps, noise))
-    xla_sig_reg = jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config))
+
+    def compiled_sig_reg():
+        return jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config)
+                       ).lower(j_reps, j_noise).compile()
+
     # The same SIGReg compiled with XLA's own sin and cos (what it used before sin_cos):
-    # the module's name swapped while this one function is traced and compiled.
+    # the module's name swapped while that one is traced. JAX caches the traced point
+    # step by function, so its caches are cleared around the swap.
+    xla_sig_reg = compiled_sig_reg()
     ours = flax_sig_reg.sin_cos
+    jax.clear_caches()
     flax_sig_reg.sin_cos = lambda x: (jnp.sin(x), jnp.cos(x))
     try:
-        xla_trig_sig_reg = jax.jit(
-            lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config)
-        ).lower(j_reps, j_noise).compile()
+        xla_trig_sig_reg = compiled_sig_reg()
     finally:
         flax_sig_reg.sin_cos = ours
+        jax.clear_caches()
     t_angles, t_reps, t_noise = (torch.from_numpy(a) for a in (angles, reps, noise))
     work = {
         ("cos [4096, 256]", "xla"): lambda: jax.block_until_ready(xla_cos(j_angles)),
