@@ -17,8 +17,8 @@ Sections:
            1e-5).
   kernels  where the screening gap lay: one float32 cos over a [4096, 256] array, and
            SIGReg's per-position values (256 slices, 17 points) of `[rows, 1024, D]`
-           representations, with our `sin_cos` and with XLA's own sin and cos, XLA
-           against torch, alternated.
+           representations, with our `sin_cos` and with XLA's own sin and cos, and the
+           model's LayerNorm over 16 x 1024 rows, XLA against torch, alternated.
   profile  one screening pass of each backend under its profiler (jax.profiler's perfetto
            trace of XLA:CPU's thunks, each fusion named through the compiled HLO's stack
            frames; torch.profiler with stacks), time grouped by the innermost function of
@@ -421,8 +421,11 @@ def kernels_section(sizes: dict) -> None:
     import jax.numpy as jnp
     import torch
 
-    from soma_models.v1.configs import SIGRegConfig, preset
+    from flax import nnx
+
+    from soma_models.v1.configs import V1_LAYER_NORM_EPS, SIGRegConfig, preset
     from soma_models.v1.flax.modules import sig_reg as flax_sig_reg
+    from soma_models.v1.flax.modules.layer import layer_norm
     from soma_models.v1.torch.modules import sig_reg as torch_sig_reg
 
     rng = np.random.default_rng(0)
@@ -433,6 +436,12 @@ def kernels_section(sizes: dict) -> None:
     config = SIGRegConfig(slices=256)
     xla_cos = jax.jit(jnp.cos)
     j_angles, j_reps, j_noise = (jnp.asarray(a) for a in (angles, reps, noise))
+    # The model's LayerNorm (nnx.LayerNorm as `layer.layer_norm` builds it) over 16 rows.
+    norm_input = rng.standard_normal((16, 1024, dim)).astype(np.float32)
+    graphdef, norm_state = nnx.split(layer_norm(dim, nnx.Rngs(0)))
+    xla_norm = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    j_norm_input, t_norm_input = jnp.asarray(norm_input), torch.from_numpy(norm_input)
+    t_scale, t_bias = torch.ones(dim), torch.zeros(dim)
 
     def compiled_sig_reg():
         return jax.jit(lambda x, n: flax_sig_reg.sig_reg_position_values(x, n, config)
@@ -454,6 +463,11 @@ def kernels_section(sizes: dict) -> None:
     work = {
         ("cos [4096, 256]", "xla"): lambda: jax.block_until_ready(xla_cos(j_angles)),
         ("cos [4096, 256]", "torch"): lambda: torch.cos(t_angles),
+        ("LayerNorm [16, 1024]", "xla"):
+            lambda: jax.block_until_ready(xla_norm(norm_state, j_norm_input)),
+        ("LayerNorm [16, 1024]", "torch"):
+            lambda: torch.nn.functional.layer_norm(t_norm_input, (dim,), t_scale, t_bias,
+                                                   V1_LAYER_NORM_EPS),
         ("SIGReg values [4, 1024]", "xla"):
             lambda: jax.block_until_ready(xla_sig_reg(j_reps, j_noise)),
         ("SIGReg values, XLA sin/cos", "xla"):
