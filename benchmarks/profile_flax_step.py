@@ -1,0 +1,329 @@
+"""Where one training step's time goes, Flax against torch, op by op (issue 22, part 3).
+
+    python benchmarks/profile_flax_step.py            # D 256, 4 layers, batch 4 x 512
+    python benchmarks/profile_flax_step.py --quick    # tiny sizes (smoke run)
+
+The step is the one `bench_flax.py --sections step` times: torch's `train_step` against
+the jitted `soma_models.v1.flax.train_step` (forward, the on-chain loss, backward, global
+norm clip, AdamW), same weights, batch and SIGReg noise, first losses checked equal.
+
+1. Both steps alternate without profilers (best step of each, the ratio).
+2. One step of each runs under its profiler (the second of two: the first pays the
+   profilers' start-up). XLA:CPU: jax.profiler's perfetto trace of
+   the compiled step's thunks, each named through the HLO module XLA dumps (the Python
+   stack and JAX's op name of every instruction: `transpose(...)` marks the backward
+   pass, `rematted_computation` what the backward recomputes, optax's frames the update).
+   torch: torch.profiler's ops, the backward ones under their autograd node
+   (`evaluate_function: NativeLayerNormBackward0`), the forward ones under their Python
+   stack. Both are split alike into phase (forward, backward, update) x part (attention
+   kernel, matmuls, LayerNorm, SIGReg, transposes and copies, other elementwise).
+
+Profilers inflate kernel time (most for small kernels), so the table's shares and
+Flax/torch ratios are what counts, and the unprofiled ratio of step 1 is the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flax import FULL, HEAVY_OPS, QUICK, _hlo_op_stacks  # noqa: E402
+
+PHASES = ("forward", "backward", "update")
+PARTS = ("attention kernel", "matmuls (projections, PWFF, predictor)", "LayerNorm", "SIGReg",
+         "transposes and copies", "other elementwise (RoPE, GELU, loss, residuals)")
+OURS = f"soma_models{os.sep}v1{os.sep}"
+
+
+def build_steps(sizes: dict) -> tuple:
+    """(flax_step, torch_step, first losses): each step callable runs one optimizer step
+    of its framework on the same batch and returns the loss; both start from the same
+    weights."""
+    import jax
+    import torch
+    from flax import nnx
+
+    from soma_models.v1.configs import ModelConfig, SIGRegConfig
+    from soma_models.v1.flax.modules.model import Model as FlaxModel
+    from soma_models.v1.flax.modules.sig_reg import SIGReg as FlaxSIGReg
+    from soma_models.v1.flax.serde import canonical_arrays
+    from soma_models.v1.flax.train_step import make_optimizer as flax_optimizer
+    from soma_models.v1.flax.train_step import train_step as flax_train_step
+    from soma_models.v1.torch.modules.model import Model as TorchModel
+    from soma_models.v1.torch.modules.sig_reg import SIGReg as TorchSIGReg
+    from soma_models.v1.torch.train_step import make_optimizer as torch_optimizer
+    from soma_models.v1.torch.train_step import train_step as torch_train_step
+
+    config = ModelConfig(embedding_dim=sizes["dim"], num_layers=sizes["layers"],
+                         num_heads=sizes["heads"], pwff_hidden_dim=sizes["hidden"],
+                         dropout_rate=0.0)
+    sig_config = SIGRegConfig(slices=sizes["slices"])
+    rng = np.random.default_rng(0)
+    b, s = sizes["batch"], sizes["seq"]
+    token_ids = rng.integers(0, 256, (b, s)).astype(np.int32)
+    arrays = (token_ids, np.roll(token_ids, -1, axis=1),
+              np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
+    noise = rng.standard_normal((sizes["dim"], sizes["slices"])).astype(np.float32)
+
+    flax_model = FlaxModel(config, rngs=nnx.Rngs(0))
+    torch_model = TorchModel.from_arrays(canonical_arrays(flax_model))
+    graphdef, params, rest = nnx.split(flax_model, nnx.Param, ...)
+    tx = flax_optimizer(1e-4, weight_decay=0.1, max_grad_norm=1.0)
+    state = [params, rest, tx.init(params)]
+    jitted = jax.jit(functools.partial(flax_train_step, graphdef, FlaxSIGReg(sig_config), tx),
+                     donate_argnums=(0, 1, 2))
+    j_batch = tuple(jax.numpy.asarray(a) for a in (*arrays, noise))
+
+    def flax_step() -> float:
+        state[0], state[1], state[2], loss = jitted(*state, *j_batch)
+        return float(loss)
+
+    t_opt = torch_optimizer(torch_model, lr=1e-4, weight_decay=0.1)
+    t_sig = TorchSIGReg(sig_config)
+    t_batch = tuple(torch.from_numpy(a).long() for a in arrays)
+    t_noise = torch.from_numpy(noise)
+
+    def torch_step() -> float:
+        return torch_train_step(torch_model, t_sig, t_opt, t_batch, noise=t_noise,
+                                max_grad_norm=1.0).loss
+
+    first = (flax_step(), torch_step())                 # Flax compiles here
+    if not np.isclose(*first, rtol=1e-4):
+        raise SystemExit(f"first-step losses differ: flax {first[0]} torch {first[1]}")
+    return flax_step, torch_step, first
+
+
+def time_steps(flax_step, torch_step, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each, alternated (the order flips every step)."""
+    times: dict[str, list[float]] = {"flax": [], "torch": []}
+    for i in range(steps):
+        order = (("flax", flax_step), ("torch", torch_step))
+        for name, step in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _hlo_op_names(dump: str) -> dict[tuple[str, str], str]:
+    """(module, HLO instruction) -> JAX's full op name of it (`jit(f)/transpose(jvp())/...`),
+    from the optimized modules XLA dumped; a fusion carries the name of its root op."""
+    names = {}
+    line = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"', re.M)
+    for path in glob.glob(os.path.join(dump, "*.cpu_after_optimizations.txt")):
+        text = Path(path).read_text()
+        module = text.split(",", 1)[0].split()[1]
+        for name, op_name in line.findall(text):
+            names[(module, name)] = op_name
+    return names
+
+
+def flax_part(frames: list[tuple[str, str]], primitive: str, op: str) -> str:
+    """The part of the step an XLA thunk computes, from its Python stack `[(file,
+    function)]` (innermost first), what it computes and its HLO instruction's name."""
+    files = [os.path.basename(f) for f, _ in frames]
+    functions = {fn for _, fn in frames}
+    # `_hlo_op_stacks` names a fusion by the heavy HLO ops inside it, if any.
+    heavy = all(p in HEAVY_OPS for p in primitive.split("+"))
+    if not heavy and re.match(r"(copy|transpose|bitcast|.*(copy|transpose)_fusion)", op):
+        return PARTS[4]
+    if "attention_kernels.py" in files or functions & {"masked_attention", "causal_attention"}:
+        return PARTS[0]
+    if "sig_reg.py" in files:
+        return PARTS[3]
+    if "normalization.py" in files:
+        return PARTS[2]
+    if "dot" in primitive and ("linear.py" in files or "predict" in functions):
+        return PARTS[1]
+    return PARTS[5]
+
+
+def flax_phase(frames: list[tuple[str, str]], op_name: str) -> str:
+    if any(f"{os.sep}optax{os.sep}" in f for f, _ in frames):
+        return "update"
+    return "backward" if "transpose(" in op_name else "forward"
+
+
+def profile_flax(flax_step, dump: str) -> tuple[Counter, Counter, float]:
+    """One profiled Flax step: (seconds by (phase, part), seconds by kernel label, wall)."""
+    import jax
+
+    trace_dir = tempfile.mkdtemp(prefix="soma-profile-step-trace-")
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        flax_step()
+    wall = time.perf_counter() - start
+    stacks, op_names = _hlo_op_stacks(dump), _hlo_op_names(dump)
+    trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
+                                          recursive=True)[0]))
+    parts: Counter = Counter()
+    kernels: Counter = Counter()
+    for event in trace["traceEvents"]:
+        args = event.get("args", {})
+        op, module = args.get("hlo_op"), args.get("hlo_module")
+        # Control flow (while, conditional, call) only waits for the kernels it runs.
+        if event.get("ph") != "X" or op is None or re.match(r"(while|cond|call)", op):
+            continue
+        frames, primitive = stacks.get((module, op), ([], op))
+        op_name = op_names.get((module, op), "")
+        phase = flax_phase(frames, op_name)
+        part = flax_part(frames, primitive, op)
+        seconds = event["dur"] / 1e6
+        parts[(phase, part)] += seconds
+        ours = next((fn for f, fn in frames if OURS in f), "?")
+        recompute = " (recomputed)" if "rematted_computation" in op_name else ""
+        kind = "YNNPACK" if op.startswith("ynn_fusion") else op.split(".")[0]
+        kernels[f"{phase}{recompute}: {ours} < {frames[0][1] if frames else '?'}: "
+                f"{primitive} [{kind}]"] += seconds
+    return parts, kernels, wall
+
+
+# torch's autograd nodes and ops -> parts (the rest: other elementwise).
+TORCH_NODE_PARTS = {"ScaledDotProductFlashAttentionForCpu": PARTS[0], "Addmm": PARTS[1],
+                    "Mm": PARTS[1], "Bmm": PARTS[1], "NativeLayerNorm": PARTS[2],
+                    "_SIGRegSum": PARTS[3], "Clone": PARTS[4], "Transpose": PARTS[4],
+                    "View": PARTS[4], "Unsafe": PARTS[4]}
+TORCH_OP_PARTS = {"aten::_scaled_dot_product_flash_attention_for_cpu": PARTS[0],
+                  "aten::addmm": PARTS[1], "aten::mm": PARTS[1], "aten::bmm": PARTS[1],
+                  "aten::native_layer_norm": PARTS[2], "aten::copy_": PARTS[4],
+                  "aten::clone": PARTS[4], "aten::contiguous": PARTS[4]}
+
+
+def profile_torch(torch_step) -> tuple[Counter, Counter, float]:
+    """One profiled torch step: (seconds by (phase, part), seconds by op label, wall)."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                with_stack=True) as prof:
+        torch_step()
+    wall = time.perf_counter() - start
+    python_frame = re.compile(r"(.*)\((\d+)\): (.*)")
+    parts: Counter = Counter()
+    kernels: Counter = Counter()
+    for event in prof.events():
+        if python_frame.match(event.name) or event.name.startswith("<"):
+            continue                           # Python functions: the ops carry the time
+        frames, node, phase, parent = [], None, "forward", event.cpu_parent
+        while parent is not None:
+            found = python_frame.match(parent.name)
+            if found:
+                frames.append((found.group(1), found.group(3)))
+            elif parent.name.startswith("autograd::engine::evaluate_function: "):
+                node, phase = parent.name.split(": ", 1)[1], "backward"
+            elif parent.name.startswith("Optimizer."):
+                phase = "update"
+            parent = parent.cpu_parent
+        if any("clip_grad" in f for f, _ in frames):
+            phase = "update"
+        files = [os.path.basename(f) for f, _ in frames if OURS in f]
+        if phase == "backward":
+            key = re.sub(r"Backward\d*$", "", node or "")
+            part = TORCH_NODE_PARTS.get(key, PARTS[5])
+            if event.name in ("aten::copy_", "aten::clone") and part == PARTS[5]:
+                part = PARTS[4]
+        elif phase == "update":
+            part = PARTS[5]
+        elif "sig_reg.py" in files:
+            part = PARTS[3]
+        elif "attention_kernels.py" in files:
+            part = PARTS[0]
+        else:
+            part = TORCH_OP_PARTS.get(event.name, PARTS[5])
+        seconds = event.self_cpu_time_total / 1e6
+        parts[(phase, part)] += seconds
+        ours = next((fn for f, fn in frames if OURS in f), "?")
+        where = f"{node}" if phase == "backward" else ours
+        kernels[f"{phase}: {where}: {event.name}"] += seconds
+    return parts, kernels, wall
+
+
+def print_table(flax_parts: Counter, torch_parts: Counter) -> None:
+    f_total, t_total = sum(flax_parts.values()), sum(torch_parts.values())
+    print(f"\n{'phase: part':<58} {'flax s':>7} {'share':>6} {'torch s':>8} {'share':>6} "
+          f"{'flax/torch time':>15}")
+
+    def row(label: str, f: float, t: float) -> None:
+        ratio = f"{f / t:.2f}x" if t > 1e-4 else "-"
+        print(f"{label:<58} {f:7.3f} {100 * f / f_total:5.1f}% {t:8.3f} "
+              f"{100 * t / t_total:5.1f}% {ratio:>15}")
+
+    for phase in PHASES:
+        for part in PARTS:
+            f, t = flax_parts[(phase, part)], torch_parts[(phase, part)]
+            if f or t:
+                row(f"  {phase}: {part}", f, t)
+        row(f"{phase}, all", sum(v for (p, _), v in flax_parts.items() if p == phase),
+            sum(v for (p, _), v in torch_parts.items() if p == phase))
+    for part in PARTS:
+        row(f"all phases: {part}", sum(v for (_, p), v in flax_parts.items() if p == part),
+            sum(v for (_, p), v in torch_parts.items() if p == part))
+    row("step, all kernels", f_total, t_total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="unprofiled steps of each, alternated (default: 4; quick 2)")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per framework")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    # Before JAX starts: XLA writes the step's compiled module with every op's Python
+    # stack and name, so that the profile can name each thunk.
+    dump = tempfile.mkdtemp(prefix="soma-profile-step-hlo-")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+                               " --xla_dump_hlo_module_re=jit_train_step").strip()
+    import jax
+    import torch
+
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
+          f"{jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    flax_step, torch_step, first = build_steps(sizes)
+    times = time_steps(flax_step, torch_step, args.steps or sizes["steps"])
+    tokens = sizes["batch"] * sizes["seq"]
+    print(f"\n== step: D {sizes['dim']}, {sizes['layers']} layers, batch {sizes['batch']} x "
+          f"{sizes['seq']}, {sizes['slices']} SIGReg slices; first loss flax {first[0]:.6f} "
+          f"torch {first[1]:.6f} ==")
+    for name, seconds in times.items():
+        print(f"{name:<6} best {min(seconds):.3f} s/step  {tokens / min(seconds):8.0f} "
+              f"tokens/s  (all: {', '.join(f'{s:.3f}' for s in seconds)})")
+    print(f"flax / torch tokens/s: {min(times['torch']) / min(times['flax']):.2f}x "
+          f"(best step, no profiler)")
+
+    # Each profiler's first session pays its own start-up: profile twice, keep the second.
+    for _ in range(2):
+        flax_parts, flax_kernels, flax_wall = profile_flax(flax_step, dump)
+        torch_parts, torch_kernels, torch_wall = profile_torch(torch_step)
+    print(f"\n== profile: one step each under its profiler; wall flax {flax_wall:.2f} s, "
+          f"torch {torch_wall:.2f} s; kernel time flax {sum(flax_parts.values()):.2f} s, "
+          f"torch {sum(torch_parts.values()):.2f} s ==")
+    print_table(flax_parts, torch_parts)
+    recomputed = sum(v for label, v in flax_kernels.items() if "(recomputed)" in label)
+    print(f"of Flax's backward: {recomputed:.3f} s recomputed forward (jax.checkpoint), "
+          f"{100 * recomputed / sum(flax_parts.values()):.1f}% of the step")
+    for name, kernels in (("XLA:CPU", flax_kernels), ("torch", torch_kernels)):
+        total = sum(kernels.values()) or 1.0
+        print(f"\n{name}: top kernels (phase: innermost function of ours < innermost "
+              f"function: what [kernel])")
+        for label, seconds in kernels.most_common(args.top):
+            print(f"  {seconds:7.3f} s {100 * seconds / total:5.1f}%  {label}")
+
+
+if __name__ == "__main__":
+    main()
