@@ -281,15 +281,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="unprofiled steps of each, alternated (default: 4; quick 2)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per framework")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="both frameworks on one thread (torch.set_num_threads(1); XLA "
+                             "without its Eigen thread pool): a per-core comparison that a "
+                             "shared machine's load distorts far less than two threads each")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.one_thread:
+        flags += " --xla_cpu_multi_thread_eigen=false"
     # Before JAX starts: XLA writes the step's compiled module with every op's Python
     # stack and name, so that the profile can name each thunk.
     dump = tempfile.mkdtemp(prefix="soma-profile-step-hlo-")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_dump_to={dump}"
                                " --xla_dump_hlo_module_re=jit_train_step").strip()
     import jax
     import torch
+
+    if args.one_thread:
+        torch.set_num_threads(1)
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
           f"{jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores, "

@@ -68,6 +68,23 @@ def test_bench_flax_checks_and_times_both_frameworks() -> None:
             if "s/step" in line and "tokens/s" in line] == ["torch", "flax"], done.stdout
 
 
+def test_profile_flax_step_splits_both_steps() -> None:
+    """profile_flax_step --quick: both steps run and are profiled, and the table names
+    Flax's kernels (forward, backward and update each get time: the dumped HLO named
+    them) beside torch's."""
+    script = BENCH.parent / "profile_flax_step.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--one-thread"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "flax / torch tokens/s:" in out, out
+    totals = {line.split(",")[0]: [float(x) for x in line.split()[2:6:2]]
+              for line in out.splitlines() if line.startswith(("forward,", "backward,",
+                                                                "update,"))}
+    assert set(totals) == {"forward", "backward", "update"}, out
+    assert all(flax > 0 and torch > 0 for flax, torch in totals.values()), out
+
+
 def test_memory_estimate_checkpointing_holds_less() -> None:
     """memory_estimate --quick: both rows positive, and checkpointing holds fewer bytes
     per block and in total than the plain forward (the two are measured, not set)."""
