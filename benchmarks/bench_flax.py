@@ -32,12 +32,14 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import glob
 import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -130,6 +132,7 @@ def _screening_inputs(sizes: dict) -> tuple[list[Path], list[bytes], np.ndarray]
     from soma_models.v1.initialization import write_initial_weights
 
     folder = Path(tempfile.mkdtemp(prefix="soma-bench-flax-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     paths = []
     for seed in range(3):
         path = folder / f"model{seed}.safetensors"
@@ -389,6 +392,7 @@ def profile_section(sizes: dict, dump: str | None) -> None:
     stacks = _hlo_op_stacks(dump) if dump else {}
     trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
                                           recursive=True)[0]))
+    shutil.rmtree(trace_dir, ignore_errors=True)
     flax_rows: Counter = Counter()
     flax_shares: Counter = Counter()
     for event in trace["traceEvents"]:
@@ -528,6 +532,7 @@ def main() -> None:
         # Before JAX starts: XLA writes the screening modules it compiles, with the Python
         # stack of every op, so that the profile can name each fusion.
         dump = tempfile.mkdtemp(prefix="soma-bench-flax-hlo-")
+        atexit.register(shutil.rmtree, dump, ignore_errors=True)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
                                    f" --xla_dump_hlo_module_re={PROFILED_MODULES}").strip()
     import jax
