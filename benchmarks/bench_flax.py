@@ -53,7 +53,12 @@ QUICK = {"dim": 64, "layers": 2, "heads": 4, "hidden": 256, "batch": 2, "seq": 1
          "slices": 64, "steps": 2, "screen_preset": "tiny", "samples": 4, "groups": 2}
 
 
-def step_section(sizes: dict) -> float:
+def build_steps(sizes: dict) -> tuple:
+    """(flax_step, torch_step, first losses (flax, torch), Flax's compile seconds): each
+    step callable runs one optimizer step of its framework on the same batch and SIGReg
+    noise and returns the loss; both start from the same weights (the Flax model's
+    canonical arrays, loaded into torch). The first step of each runs here (Flax compiles
+    there) and must agree to rtol 1e-4."""
     import jax
     import torch
     from flax import nnx
@@ -61,7 +66,7 @@ def step_section(sizes: dict) -> float:
     from soma_models.v1.configs import ModelConfig, SIGRegConfig
     from soma_models.v1.flax.modules.model import Model as FlaxModel
     from soma_models.v1.flax.modules.sig_reg import SIGReg as FlaxSIGReg
-    from soma_models.v1.flax.serde import canonical_arrays as flax_canonical_arrays
+    from soma_models.v1.flax.serde import canonical_arrays
     from soma_models.v1.flax.train_step import make_optimizer as flax_optimizer
     from soma_models.v1.flax.train_step import train_step as flax_train_step
     from soma_models.v1.torch.modules.model import Model as TorchModel
@@ -76,50 +81,64 @@ def step_section(sizes: dict) -> float:
     rng = np.random.default_rng(0)
     b, s = sizes["batch"], sizes["seq"]
     token_ids = rng.integers(0, 256, (b, s)).astype(np.int32)
-    targets = np.roll(token_ids, -1, axis=1)
-    pos_ids = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+    arrays = (token_ids, np.roll(token_ids, -1, axis=1),
+              np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
     noise = rng.standard_normal((sizes["dim"], sizes["slices"])).astype(np.float32)
 
     flax_model = FlaxModel(config, rngs=nnx.Rngs(0))
-    # The same weights in both: the Flax model's canonical arrays, loaded into torch.
-    torch_model = TorchModel.from_arrays(flax_canonical_arrays(flax_model))
-
+    torch_model = TorchModel.from_arrays(canonical_arrays(flax_model))
     graphdef, params, rest = nnx.split(flax_model, nnx.Param, ...)
     tx = flax_optimizer(1e-4, weight_decay=0.1, max_grad_norm=1.0)
-    opt_state = tx.init(params)
+    state = [params, rest, tx.init(params)]
     jitted = jax.jit(functools.partial(flax_train_step, graphdef, FlaxSIGReg(sig_config), tx),
                      donate_argnums=(0, 1, 2))
+    j_batch = tuple(jax.numpy.asarray(a) for a in (*arrays, noise))
+
+    def flax_step() -> float:
+        state[0], state[1], state[2], loss = jitted(*state, *j_batch)
+        return float(loss)                                  # waits for the step
+
     t_opt = torch_optimizer(torch_model, lr=1e-4, weight_decay=0.1)
     t_sig = TorchSIGReg(sig_config)
-    t_batch = tuple(torch.from_numpy(a).long() for a in (token_ids, targets, pos_ids))
+    t_batch = tuple(torch.from_numpy(a).long() for a in arrays)
     t_noise = torch.from_numpy(noise)
-    j_batch = tuple(jax.numpy.asarray(a) for a in (token_ids, targets, pos_ids, noise))
 
-    times: dict[str, list[float]] = {"torch": [], "flax": []}
-    first = {}
+    def torch_step() -> float:
+        return torch_train_step(torch_model, t_sig, t_opt, t_batch, noise=t_noise,
+                                max_grad_norm=1.0).loss
+
     compile_start = time.perf_counter()
-    params, rest, opt_state, loss = jitted(params, rest, opt_state, *j_batch)
-    first["flax"] = float(loss)
+    first_flax = flax_step()
     compile_seconds = time.perf_counter() - compile_start
-    first["torch"] = torch_train_step(torch_model, t_sig, t_opt, t_batch, noise=t_noise,
-                                      max_grad_norm=1.0).loss
-    if not np.isclose(first["flax"], first["torch"], rtol=1e-4):
-        raise SystemExit(f"first-step losses differ: flax {first['flax']} torch "
-                         f"{first['torch']}")
-    for _ in range(sizes["steps"]):
-        start = time.perf_counter()
-        params, rest, opt_state, loss = jitted(params, rest, opt_state, *j_batch)
-        loss.block_until_ready()
-        times["flax"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch_train_step(torch_model, t_sig, t_opt, t_batch, noise=t_noise, max_grad_norm=1.0)
-        times["torch"].append(time.perf_counter() - start)
+    first = (first_flax, torch_step())
+    if not np.isclose(*first, rtol=1e-4):
+        raise SystemExit(f"first-step losses differ: flax {first[0]} torch {first[1]}")
+    return flax_step, torch_step, first, compile_seconds
+
+
+def time_steps(flax_step, torch_step, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each, alternated (the order flips every step)."""
+    times: dict[str, list[float]] = {"flax": [], "torch": []}
+    for i in range(steps):
+        order = (("flax", flax_step), ("torch", torch_step))
+        for name, step in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def step_section(sizes: dict) -> float:
+    flax_step, torch_step, first, compile_seconds = build_steps(sizes)
+    times = time_steps(flax_step, torch_step, sizes["steps"])
+    b, s = sizes["batch"], sizes["seq"]
     tokens = b * s
     print(f"\n== step: D {sizes['dim']}, {sizes['layers']} layers, batch {b} x {s}, "
           f"{sizes['slices']} SIGReg slices; {sizes['steps']} timed steps each, alternated ==")
-    print(f"first-step loss: flax {first['flax']:.6f}  torch {first['torch']:.6f}; "
+    print(f"first-step loss: flax {first[0]:.6f}  torch {first[1]:.6f}; "
           f"flax compile {compile_seconds:.1f} s")
-    for name, seconds in times.items():
+    for name in ("torch", "flax"):
+        seconds = times[name]
         print(f"{name:<6} best {min(seconds):.3f} s/step  {tokens / min(seconds):8.0f} tokens/s")
     ratio = min(times["torch"]) / min(times["flax"])
     print(f"flax / torch tokens/s: {ratio:.2f}x (best step)")
@@ -306,10 +325,11 @@ HEAVY_OPS = ("dot", "convolution", "reduce", "reduce-window", "exponential", "lo
              "cosine", "tanh", "erf", "rsqrt", "sqrt", "divide", "gather", "custom-call")
 
 
-def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
+def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str, str]]:
     """(module, HLO op) -> (Python stack `[(file, function)]` innermost first, what it
-    computes: a JAX primitive, or a fusion's heavy HLO ops), read from the compiled modules
-    XLA dumped (the stack-frame tables after the module)."""
+    computes: a JAX primitive, or a fusion's heavy HLO ops, and JAX's full op name of it,
+    `jit(f)/transpose(jvp())/...`, a fusion's being its root op's), read from the compiled
+    modules XLA dumped (the stack-frame tables after the module)."""
     ops = {}
     for path in glob.glob(os.path.join(dump, "*.cpu_after_optimizations.txt")):
         text = Path(path).read_text()
@@ -336,9 +356,10 @@ def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
                 frame = str(int(field(row, "parent_frame_id")) - 1)
             return frames
 
-        # Every instruction: (name, opcode, called computation, JAX op name, frame id).
+        # Every instruction: (name, opcode, called computation, JAX primitive, frame id,
+        # JAX's full op name).
         instruction = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\((.*)$")
-        computations: dict[str, list[tuple[str, str, str, str, str]]] = {}
+        computations: dict[str, list[tuple[str, str, str, str, str, str]]] = {}
         for header, body in re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)\n\}", text,
                                        re.M | re.S):
             rows = computations.setdefault(header, [])
@@ -352,9 +373,10 @@ def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
                 frame = re.search(r"stack_frame_id=(\d+)", rest)
                 rows.append((name, opcode, calls.group(1) if calls else "",
                              op_name.group(1).rsplit("/", 1)[-1] if op_name else opcode,
-                             frame.group(1) if frame else ""))
+                             frame.group(1) if frame else "",
+                             op_name.group(1) if op_name else ""))
         for rows in computations.values():
-            for name, opcode, calls, primitive, frame in rows:
+            for name, opcode, calls, primitive, frame, full_name in rows:
                 # A fusion is named by what it computes: the heavy ops inside it, and the
                 # stack of its first dot (else of its first heavy op, else its own).
                 inside = [row for row in computations.get(calls, []) if row[1] in HEAVY_OPS]
@@ -362,7 +384,46 @@ def _hlo_op_stacks(dump: str) -> dict[tuple[str, str], tuple[list, str]]:
                 if inside:
                     primitive = "+".join(dict.fromkeys(row[1] for row in inside))
                     frame = inside[0][4] or frame
-                ops[(module, name)] = (stack(frame) if frame else [], primitive)
+                ops[(module, name)] = (stack(frame) if frame else [], primitive, full_name)
+    return ops
+
+
+def xla_kernel_events(trace_dir: str) -> list[tuple[str, str, float]]:
+    """(HLO module, HLO op, seconds) of every kernel XLA:CPU ran in the jax.profiler
+    perfetto trace written under `trace_dir`, which is then removed. Control flow (while,
+    conditional, call) is left out: it only waits for the kernels it runs."""
+    trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
+                                          recursive=True)[0]))
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    kernels = []
+    for event in trace["traceEvents"]:
+        args = event.get("args", {})
+        op, module = args.get("hlo_op"), args.get("hlo_module")
+        if event.get("ph") != "X" or op is None or re.match(r"(while|cond|call)", op):
+            continue
+        kernels.append((module, op, event["dur"] / 1e6))
+    return kernels
+
+
+PYTHON_FRAME = re.compile(r"(.*)\((\d+)\): (.*)")   # how torch.profiler names a Python call
+
+
+def torch_op_events(prof) -> list[tuple[object, list[tuple[str, str]], list[str]]]:
+    """(event, Python frames `[(file, function)]`, every parent's name) of each op a
+    torch.profiler session saw, parents innermost first. Python functions themselves are
+    left out: the ops under them carry the time."""
+    ops = []
+    for event in prof.events():
+        if PYTHON_FRAME.match(event.name) or event.name.startswith("<"):
+            continue
+        frames, parents, parent = [], [], event.cpu_parent
+        while parent is not None:
+            parents.append(parent.name)
+            found = PYTHON_FRAME.match(parent.name)
+            if found:
+                frames.append((found.group(1), found.group(3)))
+            parent = parent.cpu_parent
+        ops.append((event, frames, parents))
     return ops
 
 
@@ -390,33 +451,16 @@ def profile_section(sizes: dict, dump: str | None) -> None:
     torch_wall = time.perf_counter() - start
 
     stacks = _hlo_op_stacks(dump) if dump else {}
-    trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
-                                          recursive=True)[0]))
-    shutil.rmtree(trace_dir, ignore_errors=True)
     flax_rows: Counter = Counter()
     flax_shares: Counter = Counter()
-    for event in trace["traceEvents"]:
-        args = event.get("args", {})
-        op, module = args.get("hlo_op"), args.get("hlo_module")
-        # Control flow (while, conditional, call) only waits for the kernels it runs.
-        if event.get("ph") != "X" or op is None or re.match(r"(while|cond|call)", op):
-            continue
-        frames, primitive = stacks.get((module, op), ([], op))
+    for module, op, seconds in xla_kernel_events(trace_dir):
+        frames, primitive, _ = stacks.get((module, op), ([], op, ""))
         kind = "dot (YNNPACK)" if op.startswith("ynn_fusion") else op.split(".")[0]
-        flax_rows[_label(frames, f"{primitive} [{kind}]")] += event["dur"] / 1e6
-        flax_shares[_share(frames)] += event["dur"] / 1e6
+        flax_rows[_label(frames, f"{primitive} [{kind}]")] += seconds
+        flax_shares[_share(frames)] += seconds
     torch_rows: Counter = Counter()
     torch_shares: Counter = Counter()
-    python_frame = re.compile(r"(.*)\((\d+)\): (.*)")
-    for event in prof.events():
-        if python_frame.match(event.name) or event.name.startswith("<"):
-            continue                           # Python functions: the ops carry the time
-        frames, parent = [], event.cpu_parent
-        while parent is not None:
-            found = python_frame.match(parent.name)
-            if found:
-                frames.append((found.group(1), found.group(3)))
-            parent = parent.cpu_parent
+    for event, frames, _ in torch_op_events(prof):
         torch_rows[_label(frames, event.name)] += event.self_cpu_time_total / 1e6
         torch_shares[_share(frames)] += event.self_cpu_time_total / 1e6
 

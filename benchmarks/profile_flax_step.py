@@ -26,110 +26,33 @@ Flax/torch ratios are what counts, and the unprofiled ratio of step 1 is the tru
 from __future__ import annotations
 
 import argparse
-import functools
-import glob
-import gzip
-import json
+import atexit
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flax import FULL, HEAVY_OPS, QUICK, _hlo_op_stacks  # noqa: E402
+from bench_flax import (  # noqa: E402
+    FULL,
+    HEAVY_OPS,
+    QUICK,
+    _hlo_op_stacks,
+    build_steps,
+    time_steps,
+    torch_op_events,
+    xla_kernel_events,
+)
 
 PHASES = ("forward", "backward", "update")
 PARTS = ("attention kernel", "matmuls (projections, PWFF, predictor)", "LayerNorm", "SIGReg",
          "transposes and copies", "other elementwise (RoPE, GELU, loss, residuals)")
 OURS = f"soma_models{os.sep}v1{os.sep}"
-
-
-def build_steps(sizes: dict) -> tuple:
-    """(flax_step, torch_step, first losses): each step callable runs one optimizer step
-    of its framework on the same batch and returns the loss; both start from the same
-    weights."""
-    import jax
-    import torch
-    from flax import nnx
-
-    from soma_models.v1.configs import ModelConfig, SIGRegConfig
-    from soma_models.v1.flax.modules.model import Model as FlaxModel
-    from soma_models.v1.flax.modules.sig_reg import SIGReg as FlaxSIGReg
-    from soma_models.v1.flax.serde import canonical_arrays
-    from soma_models.v1.flax.train_step import make_optimizer as flax_optimizer
-    from soma_models.v1.flax.train_step import train_step as flax_train_step
-    from soma_models.v1.torch.modules.model import Model as TorchModel
-    from soma_models.v1.torch.modules.sig_reg import SIGReg as TorchSIGReg
-    from soma_models.v1.torch.train_step import make_optimizer as torch_optimizer
-    from soma_models.v1.torch.train_step import train_step as torch_train_step
-
-    config = ModelConfig(embedding_dim=sizes["dim"], num_layers=sizes["layers"],
-                         num_heads=sizes["heads"], pwff_hidden_dim=sizes["hidden"],
-                         dropout_rate=0.0)
-    sig_config = SIGRegConfig(slices=sizes["slices"])
-    rng = np.random.default_rng(0)
-    b, s = sizes["batch"], sizes["seq"]
-    token_ids = rng.integers(0, 256, (b, s)).astype(np.int32)
-    arrays = (token_ids, np.roll(token_ids, -1, axis=1),
-              np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
-    noise = rng.standard_normal((sizes["dim"], sizes["slices"])).astype(np.float32)
-
-    flax_model = FlaxModel(config, rngs=nnx.Rngs(0))
-    torch_model = TorchModel.from_arrays(canonical_arrays(flax_model))
-    graphdef, params, rest = nnx.split(flax_model, nnx.Param, ...)
-    tx = flax_optimizer(1e-4, weight_decay=0.1, max_grad_norm=1.0)
-    state = [params, rest, tx.init(params)]
-    jitted = jax.jit(functools.partial(flax_train_step, graphdef, FlaxSIGReg(sig_config), tx),
-                     donate_argnums=(0, 1, 2))
-    j_batch = tuple(jax.numpy.asarray(a) for a in (*arrays, noise))
-
-    def flax_step() -> float:
-        state[0], state[1], state[2], loss = jitted(*state, *j_batch)
-        return float(loss)
-
-    t_opt = torch_optimizer(torch_model, lr=1e-4, weight_decay=0.1)
-    t_sig = TorchSIGReg(sig_config)
-    t_batch = tuple(torch.from_numpy(a).long() for a in arrays)
-    t_noise = torch.from_numpy(noise)
-
-    def torch_step() -> float:
-        return torch_train_step(torch_model, t_sig, t_opt, t_batch, noise=t_noise,
-                                max_grad_norm=1.0).loss
-
-    first = (flax_step(), torch_step())                 # Flax compiles here
-    if not np.isclose(*first, rtol=1e-4):
-        raise SystemExit(f"first-step losses differ: flax {first[0]} torch {first[1]}")
-    return flax_step, torch_step, first
-
-
-def time_steps(flax_step, torch_step, steps: int) -> dict[str, list[float]]:
-    """Seconds per step of each, alternated (the order flips every step)."""
-    times: dict[str, list[float]] = {"flax": [], "torch": []}
-    for i in range(steps):
-        order = (("flax", flax_step), ("torch", torch_step))
-        for name, step in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _hlo_op_names(dump: str) -> dict[tuple[str, str], str]:
-    """(module, HLO instruction) -> JAX's full op name of it (`jit(f)/transpose(jvp())/...`),
-    from the optimized modules XLA dumped; a fusion carries the name of its root op."""
-    names = {}
-    line = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"', re.M)
-    for path in glob.glob(os.path.join(dump, "*.cpu_after_optimizations.txt")):
-        text = Path(path).read_text()
-        module = text.split(",", 1)[0].split()[1]
-        for name, op_name in line.findall(text):
-            names[(module, name)] = op_name
-    return names
 
 
 def flax_part(frames: list[tuple[str, str]], primitive: str, op: str) -> str:
@@ -167,22 +90,13 @@ def profile_flax(flax_step, dump: str) -> tuple[Counter, Counter, float]:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         flax_step()
     wall = time.perf_counter() - start
-    stacks, op_names = _hlo_op_stacks(dump), _hlo_op_names(dump)
-    trace = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz",
-                                          recursive=True)[0]))
+    stacks = _hlo_op_stacks(dump)
     parts: Counter = Counter()
     kernels: Counter = Counter()
-    for event in trace["traceEvents"]:
-        args = event.get("args", {})
-        op, module = args.get("hlo_op"), args.get("hlo_module")
-        # Control flow (while, conditional, call) only waits for the kernels it runs.
-        if event.get("ph") != "X" or op is None or re.match(r"(while|cond|call)", op):
-            continue
-        frames, primitive = stacks.get((module, op), ([], op))
-        op_name = op_names.get((module, op), "")
+    for module, op, seconds in xla_kernel_events(trace_dir):
+        frames, primitive, op_name = stacks.get((module, op), ([], op, ""))
         phase = flax_phase(frames, op_name)
         part = flax_part(frames, primitive, op)
-        seconds = event["dur"] / 1e6
         parts[(phase, part)] += seconds
         ours = next((fn for f, fn in frames if OURS in f), "?")
         recompute = " (recomputed)" if "rematted_computation" in op_name else ""
@@ -212,22 +126,15 @@ def profile_torch(torch_step) -> tuple[Counter, Counter, float]:
                                 with_stack=True) as prof:
         torch_step()
     wall = time.perf_counter() - start
-    python_frame = re.compile(r"(.*)\((\d+)\): (.*)")
     parts: Counter = Counter()
     kernels: Counter = Counter()
-    for event in prof.events():
-        if python_frame.match(event.name) or event.name.startswith("<"):
-            continue                           # Python functions: the ops carry the time
-        frames, node, phase, parent = [], None, "forward", event.cpu_parent
-        while parent is not None:
-            found = python_frame.match(parent.name)
-            if found:
-                frames.append((found.group(1), found.group(3)))
-            elif parent.name.startswith("autograd::engine::evaluate_function: "):
-                node, phase = parent.name.split(": ", 1)[1], "backward"
-            elif parent.name.startswith("Optimizer."):
+    for event, frames, parents in torch_op_events(prof):
+        node, phase = None, "forward"
+        for name in parents:                    # innermost first: the outermost one decides
+            if name.startswith("autograd::engine::evaluate_function: "):
+                node, phase = name.split(": ", 1)[1], "backward"
+            elif name.startswith("Optimizer."):
                 phase = "update"
-            parent = parent.cpu_parent
         if any("clip_grad" in f for f, _ in frames):
             phase = "update"
         files = [os.path.basename(f) for f, _ in frames if OURS in f]
@@ -254,12 +161,13 @@ def profile_torch(torch_step) -> tuple[Counter, Counter, float]:
 
 def print_table(flax_parts: Counter, torch_parts: Counter) -> None:
     f_total, t_total = sum(flax_parts.values()), sum(torch_parts.values())
-    print(f"\n{'phase: part':<58} {'flax s':>7} {'share':>6} {'torch s':>8} {'share':>6} "
+    print(f"\n{'phase: part':<58} {'flax s':>8} {'share':>6} {'torch s':>9} {'share':>6} "
           f"{'flax/torch time':>15}")
 
     def row(label: str, f: float, t: float) -> None:
         ratio = f"{f / t:.2f}x" if t > 1e-4 else "-"
-        print(f"{label:<58} {f:7.3f} {100 * f / f_total:5.1f}% {t:8.3f} "
+        # Four decimals: a quick run's update takes about half a millisecond.
+        print(f"{label:<58} {f:8.4f} {100 * f / f_total:5.1f}% {t:9.4f} "
               f"{100 * t / t_total:5.1f}% {ratio:>15}")
 
     for phase in PHASES:
@@ -297,6 +205,7 @@ def main() -> None:
     # Before JAX starts: XLA writes the step's compiled module with every op's Python
     # stack and name, so that the profile can name each thunk.
     dump = tempfile.mkdtemp(prefix="soma-profile-step-hlo-")
+    atexit.register(shutil.rmtree, dump, ignore_errors=True)
     os.environ["XLA_FLAGS"] = (flags + f" --xla_dump_to={dump}"
                                " --xla_dump_hlo_module_re=jit_train_step").strip()
     import jax
@@ -308,7 +217,7 @@ def main() -> None:
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
           f"{jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}")
-    flax_step, torch_step, first = build_steps(sizes)
+    flax_step, torch_step, first, _ = build_steps(sizes)
     times = time_steps(flax_step, torch_step, args.steps or sizes["steps"])
     tokens = sizes["batch"] * sizes["seq"]
     print(f"\n== step: D {sizes['dim']}, {sizes['layers']} layers, batch {sizes['batch']} x "
