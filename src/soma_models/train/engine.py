@@ -28,8 +28,18 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from soma_models.train.config import TrainConfig
+from soma_models.train.errors import TrainError
 from soma_models.v1.configs import ModelConfig
 from soma_models.v1.tokenizer import ArrayBatch
+
+
+def load_weights(model_cls: Any, path: str | Path, model_config: ModelConfig) -> Any:
+    """`model_cls.load(path, model_config)` (either framework's `Model`), a file it cannot
+    load refused as one `TrainError` line."""
+    try:
+        return model_cls.load(path, model_config)
+    except (OSError, ValueError) as exc:
+        raise TrainError(" ".join(str(exc).split())) from None
 
 
 class MicroBatch(NamedTuple):

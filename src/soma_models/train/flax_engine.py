@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from soma_models.train import config
 from soma_models.train.config import TrainConfig
 from soma_models.train.data import process_rows
-from soma_models.train.engine import MicroBatch
+from soma_models.train.engine import MicroBatch, load_weights
 from soma_models.train.errors import TrainError
 from soma_models.train.flax_sharding import DATA_AXIS, data_mesh, initialize_from_env
 from soma_models.train.schedule import micro_seed
@@ -163,13 +163,6 @@ def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _load_weights(path: str | Path, model_config: ModelConfig) -> Model:
-    try:
-        return Model.load(path, model_config)
-    except (OSError, ValueError) as exc:
-        raise TrainError(" ".join(str(exc).split())) from None
-
-
 class FlaxEngine:
     """One process's Flax side of a run; its methods are `engine.Engine`'s."""
 
@@ -235,7 +228,7 @@ class FlaxEngine:
                              f"{self.mesh_size}")
         self.cfg = cfg
         self.model_config = model_config
-        model = (_load_weights(cfg.init_from, model_config) if cfg.init_from
+        model = (load_weights(Model, cfg.init_from, model_config) if cfg.init_from
                  else Model(model_config, rngs=nnx.Rngs(cfg.seed)))
         # What `Trainer.module` shows: the model as built. The trained weights live in
         # `self.params` (replicated over the mesh); `gather()` gives a model holding them.
@@ -372,7 +365,7 @@ class FlaxEngine:
                 _named_leaves(jax.device_get(self.opt_state))}
 
     def load(self, weights: Path, optimizer_state: dict[str, np.ndarray]) -> None:
-        params = nnx.split(_load_weights(weights, self.model_config), nnx.Param, ...)[1]
+        params = nnx.split(load_weights(Model, weights, self.model_config), nnx.Param, ...)[1]
         self.params = self._replicated(params)
         names = _named_leaves(self.opt_state)
         missing = [name for name, _ in names if name not in optimizer_state]

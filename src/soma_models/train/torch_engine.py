@@ -19,21 +19,14 @@ import torch
 from soma_models.train import checkpoint as ckpt
 from soma_models.train import distributed as distrib
 from soma_models.train.config import TrainConfig
-from soma_models.train.engine import MicroBatch
-from soma_models.train.errors import TrainConfigError, TrainError
+from soma_models.train.engine import MicroBatch, load_weights
+from soma_models.train.errors import TrainConfigError
 from soma_models.train.schedule import micro_seed
 from soma_models.v1.configs import ModelConfig, SIGRegConfig
 from soma_models.v1.tokenizer import ArrayBatch, iter_batches
 from soma_models.v1.torch import train_step as step_lib
 from soma_models.v1.torch.loss import cross_entropy_sum
 from soma_models.v1.torch.modules import Model, SIGReg
-
-
-def _load_weights(path: str | Path, model_config: ModelConfig) -> Model:
-    try:
-        return Model.load(path, model_config)
-    except (OSError, ValueError) as exc:
-        raise TrainError(" ".join(str(exc).split())) from None
 
 
 class TorchEngine:
@@ -80,7 +73,7 @@ class TorchEngine:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         if cfg.init_from:
-            model = _load_weights(cfg.init_from, model_config)
+            model = load_weights(Model, cfg.init_from, model_config)
         else:
             model = Model(model_config)  # from-scratch init: Model.reset_parameters
         model.to(self.ctx.device)
@@ -197,7 +190,7 @@ class TorchEngine:
 
     def load(self, weights: Path, optimizer_state: dict[str, np.ndarray]) -> None:
         """Put back a checkpoint's weights file and optimizer state (every rank)."""
-        plain = _load_weights(weights, self.model_config)
+        plain = load_weights(Model, weights, self.model_config)
         self.strategy.load_state(
             self.model, self.optimizer, self.param_names,
             {k: v.to(self.ctx.device) for k, v in plain.state_dict().items()},
