@@ -33,16 +33,21 @@ def _cli_args(cfg) -> list[str]:
     return args
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def _one_process_run(tmp_path_factory, name: str, dropout: float):
+    """(config, final weights) of the runs' reference: global batch 4 as 4 accumulated
+    micro-batches of 1 in one process."""
     from .conftest import write_corpus
 
-    root = tmp_path_factory.mktemp("dist")
+    root = tmp_path_factory.mktemp(name)
     corpus = write_corpus(root / "corpus")
-    # Global batch 4 as 4 accumulated micro-batches of 1 in one process; dropout on.
-    cfg = small_config(corpus, root / "single", steps=4, micro_batch_size=1, dropout=0.1,
+    cfg = small_config(corpus, root / "single", steps=4, micro_batch_size=1, dropout=dropout,
                        eval_every=4, checkpoint_every=4)
     return cfg, _weights(train(cfg).weights)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _one_process_run(tmp_path_factory, "dist", dropout=0.1)
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -120,13 +125,7 @@ def test_two_processes_on_a_prepared_corpus_resume_to_one_process_weights(refere
 
 @pytest.fixture(scope="module")
 def reference_without_dropout(tmp_path_factory):
-    from .conftest import write_corpus
-
-    root = tmp_path_factory.mktemp("dist-eager")
-    corpus = write_corpus(root / "corpus")
-    cfg = small_config(corpus, root / "single", steps=4, micro_batch_size=1, dropout=0.0,
-                       eval_every=4, checkpoint_every=4)
-    return cfg, _weights(train(cfg).weights)
+    return _one_process_run(tmp_path_factory, "dist-eager", dropout=0.0)
 
 
 @pytest.mark.slow  # each process compiles the blocks with inductor (~30 s on 2 cores)
